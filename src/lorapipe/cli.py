@@ -1,0 +1,194 @@
+"""`lorapipe VERB ...`: one thin table of verbs over the stage entry functions. Argument parsing only.
+
+Every config field is also a flag (`--lora.r 32`, `--quant.double_quant false`), generated from the pydantic models,
+with the field's description as its help. Bad input exits with code 2 and one message; `--debug` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from lorapipe.config import SECTIONS, RunCfg, dump_config, load_config, parse_override
+from lorapipe.errors import UserError
+
+
+def _add_section_flags(parser: argparse.ArgumentParser, sections: list[str], top_level: bool = False) -> None:
+    def add(prefix: str, model: type[BaseModel]) -> None:
+        group = parser.add_argument_group(f"{prefix or 'run'} settings")
+        for name, f in model.model_fields.items():
+            if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
+                continue
+            dotted = f"{prefix}.{name}" if prefix else name
+            default = f.default_factory() if f.default_factory else f.default
+            group.add_argument(f"--{dotted}", dest=f"cfg:{dotted}", metavar="V", default=argparse.SUPPRESS,
+                               help=f"{f.description} [default: {default}]")
+
+    if top_level:
+        add("", RunCfg)
+    for s in sections:
+        add(s, SECTIONS[s])
+
+
+def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
+    return {k[4:]: parse_override(v) for k, v in vars(ns).items() if k.startswith("cfg:")}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Verbs: each parses its arguments into one stage call and prints where the result is.
+
+
+def cmd_train(ns: argparse.Namespace) -> None:
+    from lorapipe import train
+
+    cfg = load_config(ns.config, _overrides(ns))
+    r = train.run(cfg, overwrite=ns.overwrite)
+    print(f"\ntrained {r.steps} steps in {r.runtime_s:.0f}s, train loss {r.train_loss:.4f}")
+    print(f"run directory: {r.run_dir}  (adapter/, config.yaml, metrics.json, logs/)")
+
+
+def cmd_config(ns: argparse.Namespace) -> None:
+    print(dump_config(load_config(ns.config, _overrides(ns))), end="")
+
+
+def cmd_merge(ns: argparse.Namespace) -> None:
+    from lorapipe import merge
+
+    r = merge.run(ns.run, dtype=ns.dtype, overwrite=ns.overwrite)
+    print(f"merged model ({r.dtype}, {r.params / 1e6:.1f}M params): {r.merged_dir}")
+
+
+def cmd_compare(ns: argparse.Namespace) -> None:
+    from lorapipe import evaluate
+
+    r = evaluate.compare(ns.run, ns.prompts, _overrides(ns))
+    _print_compare(r)
+
+
+def _print_compare(r) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="base vs fine-tuned (same prompts, template, decoding)", show_lines=True)
+    table.add_column("prompt", max_width=40)
+    table.add_column("base", max_width=60)
+    table.add_column("fine-tuned", max_width=60)
+    for row in r.rows:
+        table.add_row(row["instruction"], row["base"]["text"][:600], row["finetuned"]["text"][:600])
+    console = Console()
+    console.print(table)
+    s = r.summary
+    for key in ("stopped_on_eos", "defines_function", "mean_tokens"):
+        console.print(f"{key:>18}: base {s['base'][key]:.2f}   fine-tuned {s['finetuned'][key]:.2f}")
+    console.print(f"written: {r.out_dir}/compare.md, compare.jsonl, summary.json")
+
+
+def cmd_generate(ns: argparse.Namespace) -> None:
+    from lorapipe import serve
+
+    r = serve.generate(ns.run, ns.prompts, _overrides(ns))
+    for rec in r.records[:3]:
+        print(f"--- {rec['instruction'][:80]}\n{rec['text'][:400]}")
+    print(f"\n{len(r.records)} answers written to {r.output}")
+
+
+def cmd_serve(ns: argparse.Namespace) -> None:
+    from lorapipe import serve
+
+    def ready(server, p) -> None:
+        print(f"\nOpenAI-compatible server: {server.url}/v1   (Ctrl-C stops it)")
+        print(f"models: {', '.join(server.models)}")
+        print(f"  base '{p.base_name}' = {p.base}")
+        for a in p.adapters:
+            print(f"  adapter '{a.name}' (rank {a.rank}) = {a.path}")
+        for note in p.notes:
+            print(f"  note: {note}")
+        print(f"log: {server.log_path}\nexample:\n  curl {server.url}/v1/chat/completions -H 'Content-Type: "
+              f"application/json' -d '{{\"model\": \"{p.adapters[0].name}\", \"messages\": [{{\"role\": \"user\", "
+              f"\"content\": \"Write a function that reverses a string.\"}}]}}'", flush=True)
+
+    serve.serve(ns.runs, _overrides(ns), on_ready=ready)
+    print("server stopped")
+
+
+def cmd_demo(ns: argparse.Namespace) -> None:
+    from lorapipe import demo
+
+    demo.run(Path(ns.workdir), steps=ns.steps, examples=ns.examples, port=ns.port)
+
+
+VERBS = {
+    # verb: (help, arguments, function)
+    "train": ("QLoRA SFT from a config file -> runs/<name>/", lambda p: (
+        p.add_argument("config", nargs="?", help="YAML config (omit for all defaults)"),
+        p.add_argument("--overwrite", action="store_true", help="replace an existing run directory"),
+        _add_section_flags(p, list(SECTIONS), top_level=True)), cmd_train),
+    "config": ("print the resolved config (YAML + overrides + defaults)", lambda p: (
+        p.add_argument("config", nargs="?"), _add_section_flags(p, list(SECTIONS), top_level=True)), cmd_config),
+    "merge": ("fuse the adapter into the full-precision base -> runs/<name>/merged/", lambda p: (
+        p.add_argument("run"), p.add_argument("--dtype", default="auto",
+                                              choices=["auto", "bfloat16", "float16", "float32"],
+                                              help="saved dtype (auto: the base checkpoint's)"),
+        p.add_argument("--overwrite", action="store_true")), cmd_merge),
+    "compare": ("base vs fine-tuned side by side through vLLM -> runs/<name>/compare/", lambda p: (
+        p.add_argument("run"), p.add_argument("--prompts", help="a .jsonl of Alpaca records or {'prompt': ...}"),
+        _add_section_flags(p, ["eval", "serve"])), cmd_compare),
+    "generate": ("batched offline generation with the adapter through vLLM", lambda p: (
+        p.add_argument("run"), p.add_argument("prompts"), _add_section_flags(p, ["eval", "serve"])), cmd_generate),
+    "serve": ("OpenAI-compatible vLLM server: the base + each run's adapter as its own model", lambda p: (
+        p.add_argument("runs", nargs="+"), _add_section_flags(p, ["serve"])), cmd_serve),
+    "demo": ("the whole pipeline on the embedded SmolLM2, offline, on CPU", lambda p: (
+        p.add_argument("--workdir", default="lorapipe-demo", help="where the demo's runs go"),
+        p.add_argument("--steps", type=int, default=40, help="optimizer steps to train"),
+        p.add_argument("--examples", type=int, default=160, help="training examples used"),
+        p.add_argument("--port", type=int, default=8000)), cmd_demo),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorapipe", description=__doc__.split("\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for verb, (help_text, add_args, fn) in VERBS.items():
+        p = sub.add_parser(verb, help=help_text, description=help_text)
+        add_args(p)
+        p.set_defaults(fn=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns, unknown = parser.parse_known_args(argv)
+    if unknown:
+        import difflib
+
+        flags = [o for a in parser._subparsers._group_actions[0].choices[ns.verb]._actions for o in a.option_strings]
+        hint = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1)
+        print(f"error: unknown option {unknown[0]}" + (f" (did you mean {hint[0]}?)" if hint else
+              f"; see `lorapipe {ns.verb} --help`"), file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING if ns.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        ns.fn(ns)
+    except UserError as exc:
+        if ns.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

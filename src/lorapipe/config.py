@@ -1,0 +1,257 @@
+"""One pydantic tree for the whole pipeline. Field descriptions are the CLI's `--help` text.
+
+Defaults are the QLoRA tutorial recipe where it is sound: NF4 + double quantization, LoRA r=16/alpha=32/dropout 0.05
+on q/k/v/o, lr 2e-4, batch 4 x accumulation 4, one epoch, warm-up. Config is plain data: validation only, no behaviour.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from lorapipe.errors import UserError
+
+EMBEDDED_MODEL = "smollm2-135m"
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelCfg(_Section):
+    name_or_path: str = Field(
+        EMBEDDED_MODEL,
+        description="Base model: a Hugging Face Hub id, a local folder with config.json, or 'smollm2-135m' "
+        "(embedded SmolLM2-135M-Instruct, works offline).",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the base model.")
+    trust_remote_code: bool = Field(False, description="Allow custom modelling code from the Hub repository.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="Compute dtype. auto: bfloat16 on GPUs that support it, float16 on older GPUs (T4, V100); "
+        "on CPU bfloat16 where the CPU has native bf16 (AVX512-BF16/AMX), else float32.",
+    )
+
+
+class QuantCfg(_Section):
+    load_in_4bit: bool = Field(True, description="Load the base model in 4-bit with bitsandbytes (QLoRA).")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type: nf4 (QLoRA paper) or fp4.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
+
+
+class LoraCfg(_Section):
+    r: int = Field(16, gt=0, le=512, description="LoRA rank.")
+    alpha: int = Field(32, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: list(DEFAULT_TARGETS),
+        description="Modules that get adapters: a list of module names, or 'all-linear'.",
+    )
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, v: list[str] | str) -> list[str] | str:
+        if isinstance(v, list) and not v:
+            raise ValueError("must name at least one module, or be 'all-linear'")
+        return v
+
+
+class DataCfg(_Section):
+    source: str = Field(
+        "default",
+        description="Training data: 'default' (lorapipe's shipped Python instruction set), a local .jsonl/.json "
+        "file, or a Hub dataset id.",
+    )
+    split: str = Field("train", description="Split with an optional slice, e.g. 'train[:2000]'.")
+    subset: str | None = Field(None, description="Hub dataset configuration (subset) name.")
+    format: Literal["alpaca"] = Field("alpaca", description="Record format: alpaca (instruction, input, output).")
+    template: Literal["tutorial", "alpaca"] = Field(
+        "tutorial",
+        description="Prompt template. tutorial: the tutorial's exact prompt (Input section always present, "
+        "'### Output:'); alpaca: Stanford Alpaca's (Input omitted when empty, '### Response:').",
+    )
+    max_examples: int | None = Field(None, gt=0, description="Use only the first N examples (after the split).")
+    max_length: int = Field(512, gt=8, description="Maximum tokens per example (prompt + response + EOS).")
+    completion_only_loss: bool = Field(True, description="Train on the response only (the prompt carries no loss).")
+
+
+class TrainCfg(_Section):
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    per_device_train_batch_size: int = Field(4, gt=0, description="Examples per device per forward pass.")
+    gradient_accumulation_steps: int = Field(4, gt=0, description="Forward passes per optimizer step.")
+    num_train_epochs: float = Field(1.0, gt=0, description="Epochs over the data (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: run num_train_epochs).")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps with linear learning-rate warm-up.")
+    lr_scheduler_type: str = Field("cosine", description="transformers scheduler name (cosine, linear, constant...).")
+    optim: str = Field(
+        "auto",
+        description="Optimizer (transformers name). auto: paged_adamw_32bit on CUDA (tutorial), adamw_torch on CPU.",
+    )
+    weight_decay: float = Field(0.001, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(0.3, gt=0, description="Gradient clipping norm (QLoRA paper: 0.3).")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
+    logging_steps: int = Field(1, gt=0, description="Log metrics every N optimizer steps.")
+    save_steps: int = Field(0, ge=0, description="Save a checkpoint every N steps under logs/ (0: only at the end).")
+    seed: int = Field(42, description="Random seed for data order and adapter initialisation.")
+
+
+class EvalCfg(_Section):
+    prompts: str | None = Field(
+        None, description="Prompts for compare/generate: a .jsonl of Alpaca records or {'prompt': ...} lines. "
+        "Default: lorapipe's held-out Python tasks."
+    )
+    num_prompts: int = Field(4, gt=0, description="How many prompts compare uses from the prompt file.")
+    max_tokens: int = Field(192, gt=0, description="Maximum new tokens per answer.")
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature (0: greedy).")
+
+
+class ServeCfg(_Section):
+    host: str = Field("127.0.0.1", description="Address the OpenAI-compatible server binds to.")
+    port: int = Field(8000, gt=0, lt=65536, description="Port of the server.")
+    max_model_len: int = Field(2048, gt=0, description="Longest prompt + answer the engine accepts.")
+    max_loras: int = Field(4, gt=0, description="Adapters resident at once in one batch.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of GPU memory vLLM may take.")
+    cpu_kv_cache_gb: int = Field(1, gt=0, description="KV-cache size on CPU in GiB (VLLM_CPU_KVCACHE_SPACE).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="Serving dtype.")
+    startup_timeout_s: int = Field(600, gt=0, description="How long to wait for the server to become ready.")
+
+
+class RunCfg(_Section):
+    name: str | None = Field(None, description="Run name; the run directory is <output_dir>/<name>. "
+                             "Default: the config file's name.")
+    output_dir: str = Field("runs", description="Folder that holds run directories.")
+    model: ModelCfg = Field(default_factory=ModelCfg)
+    quant: QuantCfg = Field(default_factory=QuantCfg)
+    lora: LoraCfg = Field(default_factory=LoraCfg)
+    data: DataCfg = Field(default_factory=DataCfg)
+    train: TrainCfg = Field(default_factory=TrainCfg)
+    eval: EvalCfg = Field(default_factory=EvalCfg)
+    serve: ServeCfg = Field(default_factory=ServeCfg)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str | None) -> str | None:
+        if v is not None and (not v or "/" in v or v.startswith(".")):
+            raise ValueError("must be a plain folder name (no '/', not starting with '.')")
+        return v
+
+    def run_dir(self) -> Path:
+        assert self.name is not None, "name is resolved by load_config"
+        return Path(self.output_dir) / self.name
+
+
+SECTIONS: dict[str, type[BaseModel]] = {
+    name: f.annotation for name, f in RunCfg.model_fields.items() if isinstance(f.annotation, type)
+    and issubclass(f.annotation, BaseModel)
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading: YAML file + dotted overrides, validated once, errors that name the file, line and field.
+
+
+def _yaml_line(text: str, path: tuple[Any, ...]) -> int | None:
+    """1-based line of a dotted key in a YAML document, for error messages."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for key in path:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        for k, v in node.value:
+            if k.value == str(key):
+                line, node = k.start_mark.line + 1, v
+                break
+        else:
+            break
+    return line
+
+
+def _format_error(err: dict[str, Any], source: str, text: str | None) -> str:
+    loc = tuple(err["loc"])
+    dotted = ".".join(str(p) for p in loc)
+    where = source
+    if text is not None:
+        line = _yaml_line(text, loc)
+        if line:
+            where = f"{source}:{line}"
+    if err["type"] == "extra_forbidden":
+        parent = RunCfg if len(loc) == 1 else SECTIONS.get(str(loc[0]))
+        known = list(parent.model_fields) if parent else []
+        hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        msg = f"unknown field '{dotted}'" + (f" (did you mean '{'.'.join(map(str, loc[:-1] + (hint[0],)))}'?)"
+                                             if hint else f"; known: {', '.join(known)}")
+        return f"{where}: {msg}"
+    return f"{where}: {dotted}: {err['msg']} (got {err.get('input')!r})"
+
+
+def parse_override(value: str) -> Any:
+    """A CLI value is read as YAML, so `--lora.r 32`, `--quant.double_quant false`, `--lora.target_modules [q_proj]`."""
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--{dotted}: '{k}' is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def build_config(data: dict[str, Any], overrides: dict[str, Any] | None = None, source: str = "<config>",
+                 text: str | None = None) -> RunCfg:
+    """Validate a config dict plus dotted overrides into a RunCfg, or raise one UserError listing every problem."""
+    data = dict(data)
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, value)
+    try:
+        return RunCfg.model_validate(data)
+    except ValidationError as exc:
+        lines = [_format_error(e, source, text) for e in exc.errors()]
+        raise UserError("invalid config:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunCfg:
+    """Read a YAML config (or none: all defaults), apply overrides, validate, and resolve the run name."""
+    data: dict[str, Any] = {}
+    text = None
+    source = "<defaults>"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise UserError(f"{p}: config file not found")
+        text = p.read_text(encoding="utf-8")
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{p}:{mark.line + 1}" if mark else str(p)
+            raise UserError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"{p}: the config must be a mapping of sections (model:, lora:, ...)")
+        data = loaded
+    cfg = build_config(data, overrides, source, text)
+    if cfg.name is None:
+        cfg.name = Path(path).stem if path is not None else "run"
+    return cfg
+
+
+def dump_config(cfg: RunCfg) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

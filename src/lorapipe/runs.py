@@ -1,0 +1,81 @@
+"""The run directory is the contract between stages. Everything here writes atomically: temp + rename.
+
+runs/<name>/config.yaml   resolved config      runs/<name>/adapter/   PEFT adapter + tokenizer (+ chat template)
+runs/<name>/metrics.json  training summary     runs/<name>/logs/      per-step metrics (jsonl), trainer state
+runs/<name>/merged/       merged model         runs/<name>/compare/   base vs fine-tuned answers
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lorapipe.config import RunCfg, build_config
+from lorapipe.errors import UserError
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp folder beside `final`; rename it to `final` only if the block succeeds.
+
+    A failed or interrupted step leaves no half-written `final` (the temp folder is removed on error).
+    """
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise UserError(f"{final}: already exists; pick another name or pass --overwrite")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def load_run(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> RunCfg:
+    """Read a finished run's resolved config (plus overrides for eval/serve settings)."""
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise UserError(f"{run_dir}: not a lorapipe run directory (no config.yaml); train one with `lorapipe train`")
+    if not (run_dir / "adapter" / "adapter_config.json").is_file():
+        raise UserError(f"{run_dir}: has no adapter/ (training did not finish?)")
+    text = cfg_path.read_text(encoding="utf-8")
+    return build_config(yaml.safe_load(text) or {}, overrides, str(cfg_path), text)
+
+
+def adapter_config(run_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(run_dir) / "adapter" / "adapter_config.json").read_text())

