@@ -144,3 +144,21 @@ def test_prompts_file_forms(tmp_path):
     write_jsonl(tmp_path / "q.jsonl", [{"text": "x"}])
     with pytest.raises(UserError, match=r"q.jsonl:1: each line needs"):
         data.load_prompts(str(tmp_path / "q.jsonl"))
+
+
+def test_chat_template_writes_bos_when_training_saw_one(tiny_model):
+    """Llama-style tokenizers add BOS when the trainer tokenizes; a server tokenizes a rendered chat without
+    special tokens, so the template must write BOS itself for the ids to match."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    assert not data.adds_bos(tok)
+    tok._tokenizer.post_processor = TemplateProcessing(single="<|im_start|> $A", pair="<|im_start|> $A $B",
+                                                       special_tokens=[("<|im_start|>", tok.bos_token_id)])
+    assert data.adds_bos(tok)
+    tok.chat_template = data.chat_template("tutorial", bos=data.adds_bos(tok))
+    prompt = data.render_prompt({"instruction": "Sum a list.", "input": ""}, "tutorial")
+    text = tok.apply_chat_template([{"role": "user", "content": "Sum a list."}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert tok(text, add_special_tokens=False)["input_ids"] == tok(prompt)["input_ids"]

@@ -50,7 +50,18 @@ def test_train_merge_on_smollm2(smol_run):
     m = json.loads((smol_run / "metrics.json").read_text())
     assert m["steps"] == 4 and m["base_model"].endswith("smollm2-135m-instruct")
     r = merge.run(smol_run)
-    assert r.dtype == "bfloat16" and (r.merged_dir / "model.safetensors").is_file()
+    assert r.dtype == "float32" and (r.merged_dir / "model.safetensors").is_file()
+
+
+def test_verify_every_path_agrees(smol_run):
+    """PEFT on the float32 base, the float32 merge, vLLM + LoRA and vLLM on the merge: the same greedy tokens."""
+    from lorapipe import verify
+
+    r = verify.run(smol_run, {"verify.num_prompts": 8, "verify.max_tokens": 32, "verify.min_stop_share": 0.0})
+    assert r.passed, r.summary
+    for path in ("merged", "vllm_lora", "vllm_merged"):
+        assert r.report["paths"][path]["agreement"] >= 0.99, (path, r.summary)
+    assert r.report["template"]["chat_equal"] == 1.0
 
 
 def test_compare_through_vllm(smol_run):
@@ -96,7 +107,7 @@ def test_demo_command_runs_every_stage(tmp_path):
                        timeout=1500)
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
-    for marker in ["[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]", "POST /v1/chat/completions", "=== artifacts"]:
+    for marker in ["[1/6]", "[2/6]", "[3/6]", "[4/6]", "[5/6]", "[6/6]", "POST /v1/chat/completions", "=== artifacts"]:
         assert marker in out
     assert (tmp_path / "runs" / "demo" / "merged" / "model.safetensors").is_file()
     assert (tmp_path / "runs" / "demo" / "compare" / "compare.md").is_file()

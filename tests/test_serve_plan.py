@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+from adapters import run_with_adapter, tiny_gpt2, tiny_llama
 
 from lorapipe import serve
 from lorapipe.errors import UserError
@@ -11,6 +12,7 @@ from lorapipe.errors import UserError
 
 def copy_run(src, dst, **adapter_changes):
     shutil.copytree(src, dst)
+    shutil.rmtree(dst / "merged", ignore_errors=True)
     p = dst / "adapter" / "adapter_config.json"
     acfg = json.loads(p.read_text())
     acfg.update(adapter_changes)
@@ -32,13 +34,52 @@ def test_flags_come_from_the_adapters(tiny_run, tmp_path):
     assert kw["enable_lora"] and kw["max_lora_rank"] == 16 and kw["model"] == p.base
 
 
-def test_refuses_modules_to_save_dora_and_huge_rank(tiny_run, tmp_path):
-    with pytest.raises(UserError, match="modules_to_save"):
-        serve.plan([copy_run(tiny_run, tmp_path / "a", modules_to_save=["lm_head"])])
-    with pytest.raises(UserError, match="DoRA"):
-        serve.plan([copy_run(tiny_run, tmp_path / "b", use_dora=True)])
-    with pytest.raises(UserError, match="above vLLM's maximum"):
-        serve.plan([copy_run(tiny_run, tmp_path / "c", r=1024)])
+@pytest.mark.parametrize("case, lora, match", [
+    ("modules_to_save", {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ("dora", {"target_modules": ["q_proj", "v_proj"], "use_dora": True}, "DoRA"),
+    ("huge_rank", {"target_modules": ["q_proj"], "r": 1024}, "above vLLM's maximum 512"),
+])
+def test_refuses_what_vllm_lora_cannot_load(case, lora, match, tiny_run, tiny_model, tmp_path):
+    run = run_with_adapter(tiny_run, tmp_path / case, tiny_llama(tokenizer_dir=tiny_model), lora)
+    with pytest.raises(UserError, match=match) as e:
+        serve.plan([run])
+    assert f"lorapipe serve {run} --merged" in str(e.value)  # says what to do instead
+
+
+def test_refuses_adapter_for_another_base(tiny_run, tmp_path):
+    run = run_with_adapter(tiny_run, tmp_path / "other", tiny_llama(hidden=32), {"target_modules": ["q_proj"]})
+    with pytest.raises(UserError, match=r"trained for another base model \(model.layers.0.self_attn.q_proj takes 64"):
+        serve.plan([run])
+
+
+def test_refuses_targets_the_base_does_not_have(tiny_run, tmp_path):
+    run = run_with_adapter(tiny_run, tmp_path / "gpt2", tiny_gpt2(), {"target_modules": ["c_attn"]})
+    with pytest.raises(UserError, match="targets modules the base does not have: c_attn"):
+        serve.plan([run])
+
+
+def test_refuses_added_tokens(tiny_run, tiny_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
+    model = tiny_llama(tokenizer_dir=tiny_model)
+    model.resize_token_embeddings(len(tok))
+    run = run_with_adapter(tiny_run, tmp_path / "added", model, {"target_modules": ["q_proj"]}, tokenizer=tok)
+    with pytest.raises(UserError, match="added tokens"):
+        serve.plan([run])
+
+
+def test_merged_mode_serves_the_merged_model(tiny_run, tmp_path):
+    from lorapipe import merge
+
+    with pytest.raises(UserError, match="has no merged model"):
+        serve.plan([copy_run(tiny_run, tmp_path / "unmerged")], merged=True)
+    merge.run(tiny_run, overwrite=True)
+    p = serve.plan([tiny_run], merged=True)
+    cmd = serve.server_command(p)
+    assert "--enable-lora" not in cmd and cmd[cmd.index("--model") + 1] == str((tiny_run / "merged").resolve())
+    assert cmd[cmd.index("--served-model-name") + 1] == "tiny"
 
 
 def test_refuses_runs_on_different_bases(tiny_run, tiny_model, tmp_path):

@@ -89,6 +89,15 @@ def _print_compare(r) -> None:
     console.print(f"written: {r.out_dir}/compare.md, compare.jsonl, summary.json")
 
 
+def cmd_verify(ns: argparse.Namespace) -> int:
+    from lorapipe import verify
+
+    r = verify.run(ns.run, _overrides(ns))
+    print(r.summary, end="")
+    print(f"written: {r.out} and verify.md")
+    return 0 if r.passed else 1
+
+
 def cmd_generate(ns: argparse.Namespace) -> None:
     from lorapipe import serve
 
@@ -104,16 +113,16 @@ def cmd_serve(ns: argparse.Namespace) -> None:
     def ready(server, p) -> None:
         print(f"\nOpenAI-compatible server: {server.url}/v1   (Ctrl-C stops it)")
         print(f"models: {', '.join(server.models)}")
-        print(f"  base '{p.base_name}' = {p.base}")
+        print(f"  {'merged model' if not p.adapters else 'base'} '{p.base_name}' = {p.base}")
         for a in p.adapters:
             print(f"  adapter '{a.name}' (rank {a.rank}) = {a.path}")
         for note in p.notes:
             print(f"  note: {note}")
         print(f"log: {server.log_path}\nexample:\n  curl {server.url}/v1/chat/completions -H 'Content-Type: "
-              f"application/json' -d '{{\"model\": \"{p.adapters[0].name}\", \"messages\": [{{\"role\": \"user\", "
+              f"application/json' -d '{{\"model\": \"{server.models[-1]}\", \"messages\": [{{\"role\": \"user\", "
               f"\"content\": \"Write a function that reverses a string.\"}}]}}'", flush=True)
 
-    serve.serve(ns.runs, _overrides(ns), on_ready=ready)
+    serve.serve(ns.runs, _overrides(ns), on_ready=ready, merged=ns.merged)
     print("server stopped")
 
 
@@ -132,17 +141,22 @@ VERBS = {
     "config": ("print the resolved config (YAML + overrides + defaults)", lambda p: (
         p.add_argument("config", nargs="?"), _add_section_flags(p, list(SECTIONS), top_level=True)), cmd_config),
     "merge": ("fuse the adapter into the full-precision base -> runs/<name>/merged/", lambda p: (
-        p.add_argument("run"), p.add_argument("--dtype", default="auto",
+        p.add_argument("run"), p.add_argument("--dtype", default="float32",
                                               choices=["auto", "bfloat16", "float16", "float32"],
-                                              help="saved dtype (auto: the base checkpoint's)"),
+                                              help="saved dtype; float32 keeps the LoRA delta exact (auto: the base "
+                                              "checkpoint's dtype, smaller but rounds the delta away)"),
         p.add_argument("--overwrite", action="store_true")), cmd_merge),
     "compare": ("base vs fine-tuned side by side through vLLM -> runs/<name>/compare/", lambda p: (
         p.add_argument("run"), p.add_argument("--prompts", help="a .jsonl of Alpaca records or {'prompt': ...}"),
         _add_section_flags(p, ["eval", "serve"])), cmd_compare),
+    "verify": ("prove what is served is what was trained (PEFT/merged/vLLM agreement, template, stop); exit 1 "
+               "on FAIL", lambda p: (p.add_argument("run"), _add_section_flags(p, ["verify", "serve"])), cmd_verify),
     "generate": ("batched offline generation with the adapter through vLLM", lambda p: (
         p.add_argument("run"), p.add_argument("prompts"), _add_section_flags(p, ["eval", "serve"])), cmd_generate),
     "serve": ("OpenAI-compatible vLLM server: the base + each run's adapter as its own model", lambda p: (
-        p.add_argument("runs", nargs="+"), _add_section_flags(p, ["serve"])), cmd_serve),
+        p.add_argument("runs", nargs="+"),
+        p.add_argument("--merged", action="store_true", help="serve the run's merged model instead of its adapter"),
+        _add_section_flags(p, ["serve"])), cmd_serve),
     "demo": ("the whole pipeline on the embedded SmolLM2, offline, on CPU", lambda p: (
         p.add_argument("--workdir", default="lorapipe-demo", help="where the demo's runs go"),
         p.add_argument("--steps", type=int, default=40, help="optimizer steps to train"),
@@ -178,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        ns.fn(ns)
+        rc = ns.fn(ns)
     except UserError as exc:
         if ns.debug:
             raise
@@ -187,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    return rc or 0
 
 
 if __name__ == "__main__":

@@ -111,6 +111,19 @@ class EvalCfg(_Section):
     temperature: float = Field(0.0, ge=0, description="Sampling temperature (0: greedy).")
 
 
+class VerifyCfg(_Section):
+    num_prompts: int = Field(64, gt=0, description="Held-out prompts decoded on every path (lorapipe's held-out "
+                             "tasks, then HumanEval prompts).")
+    max_tokens: int = Field(64, gt=0, description="Greedy tokens per prompt on every path.")
+    min_agreement: float = Field(0.99, ge=0, le=1, description="Least token agreement between the full-precision "
+                                 "paths (PEFT, merged, vLLM adapter, vLLM merged) to pass.")
+    min_template_equality: float = Field(1.0, ge=0, le=1, description="Least share of examples whose trainer ids "
+                                         "equal the server's ids to pass.")
+    min_stop_share: float = Field(0.5, ge=0, le=1, description="Least share of fine-tuned answers that end with "
+                                  "EOS before max_tokens to pass.")
+    vllm: bool = Field(True, description="Also decode through vLLM (adapter over base, and the merged model).")
+
+
 class ServeCfg(_Section):
     host: str = Field("127.0.0.1", description="Address the OpenAI-compatible server binds to.")
     port: int = Field(8000, gt=0, lt=65536, description="Port of the server.")
@@ -132,6 +145,7 @@ class RunCfg(_Section):
     data: DataCfg = Field(default_factory=DataCfg)
     train: TrainCfg = Field(default_factory=TrainCfg)
     eval: EvalCfg = Field(default_factory=EvalCfg)
+    verify: VerifyCfg = Field(default_factory=VerifyCfg)
     serve: ServeCfg = Field(default_factory=ServeCfg)
 
     @field_validator("name")

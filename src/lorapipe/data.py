@@ -46,12 +46,19 @@ def _jinja_text(s: str) -> str:
     return s.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")
 
 
-def chat_template(template: str) -> str:
+def adds_bos(tokenizer) -> bool:
+    """Whether plain tokenization (as the trainer does it) starts with BOS, e.g. Llama/TinyLlama but not SmolLM2."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("x")["input_ids"][:1] == [bos]
+
+
+def chat_template(template: str, bos: bool = False) -> str:
     """A Jinja chat template that renders a conversation the way `render_prompt` renders a record.
 
     The user message is the instruction (no input); a system message, if any, replaces the preamble; an assistant
     message is followed by EOS, as in training. `add_generation_prompt` adds nothing: the prompt already ends with
-    the response header, exactly as the trainer saw it.
+    the response header, exactly as the trainer saw it. Servers tokenize a rendered chat without adding special
+    tokens, so when training saw a BOS (`bos`), the template writes it.
     """
     if template == "tutorial":
         body = "\n\n### Instruction:\n' + message['content'] + '\n\n### Input:\n\n\n### Output:\n"
@@ -59,7 +66,8 @@ def chat_template(template: str) -> str:
         body = "\n\n### Instruction:\n' + message['content'] + '\n\n### Response:\n"
     pre = _jinja_text(TUTORIAL_PREAMBLE)
     return (
-        "{%- set ns = namespace(pre='" + pre + "') -%}"
+        ("{{- bos_token -}}" if bos else "")
+        + "{%- set ns = namespace(pre='" + pre + "') -%}"
         "{%- for message in messages -%}"
         "{%- if message['role'] == 'system' -%}{%- set ns.pre = message['content'] -%}"
         "{%- elif message['role'] == 'user' -%}{{ ns.pre + '" + body.replace("\n", "\\n") + "' }}"

@@ -1,7 +1,7 @@
 """`lorapipe demo`: the whole pipeline on the embedded SmolLM2-135M, offline, on a CPU, in a few minutes.
 
-convert the model -> QLoRA SFT on a slice of the shipped Python set -> merge -> compare base vs fine-tuned on
-held-out prompts (vLLM) -> start the OpenAI server (vLLM) and send one chat request over HTTP -> print where every
+convert the model -> QLoRA SFT on a slice of the shipped Python set -> merge -> verify (PEFT / merged / vLLM
+agree) -> compare base vs fine-tuned on held-out prompts (vLLM) -> start the OpenAI server (vLLM) and send one chat request over HTTP -> print where every
 artifact is and what it showed.
 """
 
@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from lorapipe import evaluate, merge, serve, train
+from lorapipe import evaluate, merge, serve, train, verify
 from lorapipe.config import load_config
 from lorapipe.data import ASSETS
 from lorapipe.models import embedded_model_dir
@@ -20,7 +20,7 @@ DEMO_CONFIG = ASSETS / "configs" / "demo.yaml"
 
 
 def _step(n: int, title: str) -> float:
-    print(f"\n=== [{n}/5] {title}", flush=True)
+    print(f"\n=== [{n}/6] {title}", flush=True)
     return time.perf_counter()
 
 
@@ -47,7 +47,12 @@ def run(workdir: Path, steps: int = 40, examples: int = 160, port: int = 8000) -
     timings["merge"] = time.perf_counter() - t
     print(f"merged: {mr.merged_dir} ({mr.dtype})")
 
-    t = _step(4, "compare base vs fine-tuned on held-out prompts (vLLM, greedy, same template)")
+    t = _step(4, "verify: PEFT vs merged vs vLLM token agreement, template round-trip, stop check")
+    vr = verify.run(tr.run_dir, {"verify.num_prompts": 16, "verify.max_tokens": 48})
+    timings["verify"] = time.perf_counter() - t
+    print(vr.summary, end="")
+
+    t = _step(5, "compare base vs fine-tuned on held-out prompts (vLLM, greedy, same template)")
     cr = evaluate.compare(tr.run_dir)
     timings["compare"] = time.perf_counter() - t
     first = cr.rows[0]
@@ -56,7 +61,7 @@ def run(workdir: Path, steps: int = 40, examples: int = 160, port: int = 8000) -
     for key in ("stopped_on_eos", "defines_function", "mean_tokens"):
         print(f"{key:>18}: base {cr.summary['base'][key]:.2f}   fine-tuned {cr.summary['finetuned'][key]:.2f}")
 
-    t = _step(5, "serve: vLLM OpenAI server with the adapter as its own model; one chat request over HTTP")
+    t = _step(6, "serve: vLLM OpenAI server with the adapter as its own model; one chat request over HTTP")
     p = serve.plan([tr.run_dir])
     with serve.running(p, tr.run_dir / "logs" / "serve.log") as server:
         print(f"server {server.url}/v1 models: {server.models}")
@@ -73,8 +78,9 @@ def run(workdir: Path, steps: int = 40, examples: int = 160, port: int = 8000) -
                         ("adapter + tokenizer + chat template", tr.run_dir / "adapter"),
                         ("per-step metrics", tr.run_dir / "logs" / "metrics.jsonl"),
                         ("training summary", tr.run_dir / "metrics.json"), ("merged model", mr.merged_dir),
-                        ("comparison", cr.out_dir / "compare.md"), ("server log", server.log_path)]:
+                        ("verification", tr.run_dir / "verify.md"), ("comparison", cr.out_dir / "compare.md"),
+                        ("server log", server.log_path)]:
         print(f"  {label:<36} {path}")
     print("timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f", total {total:.0f}s")
     return {"timings": timings, "total_s": total, "train_loss": tr.train_loss, "compare": cr.summary,
-            "reply": choice}
+            "verify_passed": vr.passed, "reply": choice}

@@ -1,7 +1,9 @@
 """Fuse the LoRA adapter into a full-precision copy of the base: runs/<name>/merged/ (safetensors + tokenizer).
 
-Never merges into 4-bit weights: the base is reloaded unquantized in float32, the adapter is added there, and the
-result is saved in the base checkpoint's own dtype, so transformers and vLLM load it like any other model.
+Never merges into 4-bit weights: the base is reloaded unquantized in float32 and the adapter is added there. The
+result is saved in float32 by default: a LoRA delta is small next to W, and rounding W + BA back to bf16 erases much
+of it (measured on the demo: the bf16 merge agreed with the adapter on 48% of greedy tokens, the float32 merge on
+~100%). `dtype="auto"` saves in the base checkpoint's own dtype instead (half the size, less faithful).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def _checkpoint_dtype(base: str) -> torch.dtype:
     return d if isinstance(d, torch.dtype) and d.is_floating_point else torch.bfloat16
 
 
-def run(run_dir: str | Path, dtype: str = "auto", overwrite: bool = False) -> MergeResult:
+def run(run_dir: str | Path, dtype: str = "float32", overwrite: bool = False) -> MergeResult:
     """Merge runs/<name>/adapter into the full-precision base and save runs/<name>/merged/."""
     from peft import PeftModel
     from transformers import AutoTokenizer

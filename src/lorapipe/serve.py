@@ -51,28 +51,97 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
 
-def plan(run_dirs: list[str | Path], overrides: dict[str, Any] | None = None) -> Plan:
-    """Inspect the runs: one shared base, the vLLM rank bucket, one chat template. Refuse what vLLM can't serve."""
+def base_modules(base: str) -> tuple[dict[str, tuple[int, int]], int]:
+    """{module name: (in_features, out_features)} of the base's linear layers, and its vocab size.
+
+    Built on the meta device from config.json alone: no weights are read.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    mods = {n: (m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    return mods, int(config.get_text_config().vocab_size)
+
+
+def check_adapter(adapter_dir: Path, base: str, base_info=None) -> list[str]:
+    """What in this adapter vLLM cannot serve over `base`, each as a sentence that says what is wrong."""
+    from safetensors import safe_open
+
+    acfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    problems = []
+    if acfg.get("modules_to_save"):
+        problems.append(f"it trains full copies of {acfg['modules_to_save']} (modules_to_save), which vLLM LoRA "
+                        "cannot load")
+    if acfg.get("use_dora"):
+        problems.append("it is a DoRA adapter, which vLLM cannot serve")
+    if acfg.get("trainable_token_indices"):
+        problems.append("it trains token embeddings (trainable_token_indices), which vLLM LoRA cannot load")
+    if int(acfg["r"]) > VLLM_RANKS[-1]:
+        problems.append(f"its rank {acfg['r']} is above vLLM's maximum {VLLM_RANKS[-1]}")
+    mods, vocab = base_info or base_modules(base)
+    weights = adapter_dir / "adapter_model.safetensors"
+    with safe_open(str(weights), framework="pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    full = sorted({k for k in shapes if "lora_" not in k})
+    if full:
+        problems.append(f"it carries full weights ({full[0]}{' ...' if len(full) > 1 else ''}): resized embeddings "
+                        "or added tokens, which vLLM LoRA cannot load")
+    missing, misfit = set(), []
+    for key, shape in shapes.items():
+        if ".lora_A." not in key:
+            continue
+        name = key.split(".lora_A.")[0].removeprefix("base_model.model.")
+        if name not in mods:
+            missing.add(name.rsplit(".", 1)[-1])
+        elif shape[1] != mods[name][0]:
+            misfit.append(f"{name} takes {mods[name][0]} inputs, the adapter's {shape[1]}")
+    if missing:
+        problems.append(f"it targets modules the base does not have: {', '.join(sorted(missing))}")
+    if misfit:
+        problems.append(f"it was trained for another base model ({misfit[0]})")
+    added = adapter_dir / "tokenizer.json"
+    if added.exists():
+        n_tok = max((t["id"] for t in json.loads(added.read_text()).get("added_tokens", [])), default=-1) + 1
+        if n_tok > vocab:
+            problems.append(f"its tokenizer has {n_tok} tokens but the base vocabulary {vocab} (added tokens)")
+    return problems
+
+
+def plan(run_dirs: list[str | Path], overrides: dict[str, Any] | None = None, merged: bool = False) -> Plan:
+    """Inspect the runs: one shared base, the vLLM rank bucket, one chat template. Refuse what vLLM can't serve.
+
+    With `merged`, the run's merged model is served as a plain model under the run's name (no LoRA).
+    """
     if not run_dirs:
         raise UserError("name at least one run directory")
+    if merged:
+        if len(run_dirs) != 1:
+            raise UserError("--merged serves one run's merged model; name exactly one run")
+        rd = Path(run_dirs[0])
+        cfg = load_run(rd, overrides)
+        if not (rd / "merged" / "config.json").is_file():
+            raise UserError(f"{rd}: has no merged model; run `lorapipe merge {rd}` first")
+        return Plan(str((rd / "merged").resolve()), rd.name, [], None, 0, cfg.serve)
     adapters, bases = [], {}
     for rd in run_dirs:
         rd = Path(rd)
         cfg = load_run(rd, overrides)
-        acfg = adapter_config(rd)
-        rank = int(acfg["r"])
-        if acfg.get("modules_to_save"):
-            raise UserError(f"{rd}/adapter: has modules_to_save {acfg['modules_to_save']}, which vLLM LoRA cannot "
-                            f"serve; run `lorapipe merge {rd}` and serve the merged model")
-        if acfg.get("use_dora"):
-            raise UserError(f"{rd}/adapter: is a DoRA adapter, which vLLM cannot serve; merge it first")
-        if rank > VLLM_RANKS[-1]:
-            raise UserError(f"{rd}/adapter: rank {rank} is above vLLM's maximum {VLLM_RANKS[-1]}; merge it first")
-        adapters.append(Adapter(rd.name, rd / "adapter", rank, cfg))
-        bases[resolve_model(cfg.model)] = rd
+        adapters.append(Adapter(rd.name, rd / "adapter", int(adapter_config(rd)["r"]), cfg))
+        bases.setdefault(resolve_model(cfg.model), []).append(rd)
     if len(bases) > 1:
-        listing = "; ".join(f"{b} ({r})" for b, r in bases.items())
+        listing = "; ".join(f"{b} ({', '.join(map(str, r))})" for b, r in bases.items())
         raise UserError(f"the runs were trained on different base models, and one server has one base: {listing}")
+    base = next(iter(bases))
+    info = base_modules(base)
+    for a in adapters:
+        problems = check_adapter(a.path, base, info)
+        if problems:
+            raise UserError(f"{a.path}: vLLM cannot serve this adapter over {base}: " + "; ".join(problems)
+                            + f". Merge it (`lorapipe merge {a.path.parent}`) and serve the merged model with "
+                            f"`lorapipe serve {a.path.parent} --merged`.")
     names = [a.name for a in adapters]
     if len(set(names)) != len(names):
         raise UserError(f"two runs share a name ({names}); each adapter is served under its run name")
@@ -86,7 +155,6 @@ def plan(run_dirs: list[str | Path], overrides: dict[str, Any] | None = None) ->
     if not template.exists():
         template = None
         notes.append("no chat template saved with the adapter: chat requests use the base model's template")
-    base = next(iter(bases))
     first = adapters[0].cfg
     base_name = EMBEDDED_MODEL if first.model.name_or_path == EMBEDDED_MODEL else Path(base).name
     max_rank = next(r for r in VLLM_RANKS if r >= max(a.rank for a in adapters))
@@ -106,19 +174,22 @@ def _env(p: Plan) -> dict[str, str]:
 
 def engine_kwargs(p: Plan) -> dict[str, Any]:
     """Arguments for vllm.LLM (offline) — the same settings the server gets as flags."""
-    return dict(model=p.base, enable_lora=True, max_lora_rank=p.max_lora_rank,
-                max_loras=min(p.serve.max_loras, max(1, len(p.adapters))), max_model_len=p.serve.max_model_len,
-                dtype=_dtype(p), gpu_memory_utilization=p.serve.gpu_memory_utilization, seed=0)
+    kw: dict[str, Any] = dict(model=p.base, max_model_len=p.serve.max_model_len, dtype=_dtype(p),
+                              gpu_memory_utilization=p.serve.gpu_memory_utilization, seed=0)
+    if p.adapters:
+        kw.update(enable_lora=True, max_lora_rank=p.max_lora_rank, max_loras=min(p.serve.max_loras, len(p.adapters)))
+    return kw
 
 
 def server_command(p: Plan) -> list[str]:
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", p.base,
            "--served-model-name", p.base_name, "--host", p.serve.host, "--port", str(p.serve.port),
-           "--enable-lora", "--max-lora-rank", str(p.max_lora_rank),
-           "--max-loras", str(min(p.serve.max_loras, len(p.adapters))),
            "--max-model-len", str(p.serve.max_model_len), "--dtype", _dtype(p),
-           "--gpu-memory-utilization", str(p.serve.gpu_memory_utilization),
-           "--lora-modules", *[f"{a.name}={a.path.resolve()}" for a in p.adapters]]
+           "--gpu-memory-utilization", str(p.serve.gpu_memory_utilization)]
+    if p.adapters:
+        cmd += ["--enable-lora", "--max-lora-rank", str(p.max_lora_rank),
+                "--max-loras", str(min(p.serve.max_loras, len(p.adapters))),
+                "--lora-modules", *[f"{a.name}={a.path.resolve()}" for a in p.adapters]]
     if p.chat_template is not None:
         cmd += ["--chat-template", str(p.chat_template.resolve())]
     return cmd
@@ -265,10 +336,11 @@ def chat(url: str, model: str, content: str, max_tokens: int = 128, temperature:
         return json.loads(r.read())
 
 
-def serve(run_dirs: list[str | Path], overrides: dict[str, Any] | None = None, on_ready=None) -> None:
-    """Run the server in the foreground until Ctrl-C; `on_ready(server)` is called once it answers."""
-    p = plan(run_dirs, overrides)
-    log_path = Path(p.adapters[0].path).parent / "logs" / "serve.log"
+def serve(run_dirs: list[str | Path], overrides: dict[str, Any] | None = None, on_ready=None,
+          merged: bool = False) -> None:
+    """Run the server in the foreground until Ctrl-C; `on_ready(server, plan)` is called once it answers."""
+    p = plan(run_dirs, overrides, merged=merged)
+    log_path = Path(run_dirs[0]) / "logs" / "serve.log"
     with running(p, log_path) as server:
         if on_ready:
             on_ready(server, p)

