@@ -52,7 +52,8 @@ def test_not_a_run_directory(tmp_path, capsys):
     assert "not a lorapipe run directory" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("verb", ["train", "merge", "compare", "generate", "serve", "demo", "config"])
+@pytest.mark.parametrize("verb", ["train", "merge", "compare", "eval", "verify", "generate", "serve", "demo",
+                                  "config", "bench"])
 def test_help_for_every_verb(verb, capsys):
     with pytest.raises(SystemExit) as e:
         main([verb, "--help"])

