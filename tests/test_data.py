@@ -113,8 +113,10 @@ def test_saved_dataset_folder_goes_through_datasets(tmp_path):
     assert [r["instruction"] for r in recs] == ["t0", "t1", "t2", "t3"]
     folder = tmp_path / "plain"
     folder.mkdir()
-    write_jsonl(folder / "train.jsonl", [REC, REC])
-    assert len(data.load_records(DataCfg(source=str(folder)))) == 2
+    write_jsonl(folder / "train.jsonl", [dict(REC, instruction=f"p{i}") for i in range(5)])
+    assert len(data.load_records(DataCfg(source=str(folder)))) == 5
+    sliced = data.load_records(DataCfg(source=str(folder), split="train[1:3]"))  # sliced by `datasets` itself
+    assert [r["instruction"] for r in sliced] == ["p1", "p2"]
     with pytest.raises(UserError, match="no split 'test'"):
         data.load_records(DataCfg(source=str(tmp_path / "saved"), split="test"))
 

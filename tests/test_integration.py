@@ -111,9 +111,29 @@ def test_openai_server_serves_base_and_adapter(smol_run):
     assert proc.poll() is not None  # stopped cleanly on exit
 
 
+def test_serve_cli_prints_url_and_stops_on_ctrl_c(smol_run):
+    import signal
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "lorapipe", "serve", str(smol_run), "--serve.port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("models:"):
+            break
+    out = "".join(seen)
+    assert f"http://127.0.0.1:{port}/v1" in out and "smollm2-135m, smol" in out, out[-2000:]
+    proc.send_signal(signal.SIGINT)
+    rest = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0 and "server stopped" in rest
+    with socket.socket() as s, pytest.raises(ConnectionRefusedError):
+        s.connect(("127.0.0.1", port))  # nothing listens any more: the vLLM server went down with it
+
+
 def test_demo_command_runs_every_stage(tmp_path):
     r = subprocess.run([sys.executable, "-m", "lorapipe", "demo", "--workdir", str(tmp_path), "--steps", "2",
-                        "--examples", "8", "--port", str(free_port())], capture_output=True, text=True,
+                        "--examples", "8", "--port", str(free_port()), "--quick"], capture_output=True, text=True,
                        timeout=1500)
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout

@@ -6,6 +6,7 @@ bench eval RUN   HumanEval (164 tasks) greedy, fine-tuned model only, through vL
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
@@ -55,4 +56,170 @@ def print_table(title: str, row: dict) -> None:
     table.add_column("value", justify="right")
     for k, v in row.items():
         table.add_row(k, f"{v:.3f}" if isinstance(v, float) and v < 1 else str(v))
+    Console().print(table)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bench train: the tutorial recipe vs lorapipe's speed settings, same data, seed and effective batch.
+
+SHAPES = {
+    # name: (hidden, intermediate, layers, heads, kv_heads, vocab)
+    "tiny": (64, 128, 2, 4, 2, 640),
+    "tinyllama-1.1b": (2048, 5632, 22, 32, 4, 32000),
+    "llama3-8b": (4096, 14336, 32, 32, 8, 128256),
+}
+
+
+def _random_model_dir(shape: str, out: Path) -> Path:
+    """A randomly initialised Llama of the named shape, saved in bf16 so that bitsandbytes can quantize on load."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    h, inter, layers, heads, kv, vocab = SHAPES[shape]
+    cfg = LlamaConfig(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=4096,
+                      tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(out)
+    del model
+    _word_tokenizer(vocab).save_pretrained(out)  # TRL wants a tokenizer (pad/eos) even for token-id data
+    return out
+
+
+def _word_tokenizer(vocab: int):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, vocab)}}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<pad>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def _synthetic_data(n: int, vocab: int, seed: int, lo: int = 64, hi: int = 512) -> list[dict[str, list[int]]]:
+    """Token sequences of 64-512 tokens; the first ~30 % is prompt (no loss), the rest completion."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        length = rng.randint(lo, hi)
+        ids = [rng.randrange(3, vocab) for _ in range(length - 1)] + [2]
+        cut = max(1, int(length * 0.3))
+        rows.append({"input_ids": ids, "completion_mask": [0] * cut + [1] * (length - cut)})
+    return rows
+
+
+SETTINGS = {
+    # the tutorial recipe, exactly: batch 4 x accumulation 4, k-bit prep, checkpointing, paged AdamW, bf16
+    "tutorial": dict(batch=4, accum=4, kbit_prep=True, checkpointing=True, liger=False, optim="paged_adamw_32bit"),
+    # flags only: the same effective batch in one pass, no k-bit prep (norms stay bf16), no checkpointing
+    "speed": dict(batch=16, accum=1, kbit_prep=False, checkpointing=False, liger=False, optim="adamw_torch_fused"),
+    # + Liger kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy)
+    "speed+liger": dict(batch=16, accum=1, kbit_prep=False, checkpointing=False, liger=True,
+                        optim="adamw_torch_fused"),
+}
+
+
+def train_speed(shape: str, setting: str, steps: int, model_dir: Path, workdir: Path, seed: int = 0) -> dict:
+    """Run `steps` optimizer steps of QLoRA SFT (NF4 + double quant, LoRA r=16 q/k/v/o) and measure them."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from lorapipe.config import QuantCfg
+    from lorapipe.models import quantization_config
+
+    s = SETTINGS[setting]
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=dtype, quantization_config=quantization_config(QuantCfg(), dtype),
+        device_map={"": 0} if cuda else {"": "cpu"})
+    if s["kbit_prep"]:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=s["checkpointing"],
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(seed)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    vocab = model.config.vocab_size
+    rows = _synthetic_data(16 * steps, vocab, seed)
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if cuda:
+                torch.cuda.synchronize()
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.t)
+
+    args = SFTConfig(output_dir=str(workdir), per_device_train_batch_size=s["batch"],
+                     gradient_accumulation_steps=s["accum"], max_steps=steps, learning_rate=2e-4,
+                     optim=s["optim"] if cuda else "adamw_torch", bf16=cuda, use_cpu=not cuda,
+                     gradient_checkpointing=s["checkpointing"],
+                     gradient_checkpointing_kwargs={"use_reentrant": False}, logging_steps=1, report_to="none",
+                     save_strategy="no", seed=seed, data_seed=seed, max_length=512, completion_only_loss=True,
+                     use_liger_kernel=s["liger"], dataloader_pin_memory=cuda, disable_tqdm=True, warmup_steps=0,
+                     lr_scheduler_type="constant", max_grad_norm=0.3)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    from transformers import AutoTokenizer
+
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), callbacks=[Clock()],
+                         processing_class=AutoTokenizer.from_pretrained(model_dir))
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    tokens = sum(len(r["input_ids"]) for r in rows)
+    loss_tokens = sum(sum(r["completion_mask"]) for r in rows)
+    warm = times[1:] or times  # the first step pays for compilation and allocator warm-up
+    per_step = sum(warm) / len(warm)
+    params = model.get_nb_trainable_parameters()[1]
+    flops_per_token = 6 * params  # forward + backward, dense approximation
+    result = {"shape": shape, "setting": setting, "steps": steps, "s_per_step": round(per_step, 3),
+              "tokens_per_s": round(tokens / steps / per_step, 1),
+              "loss_tokens_per_s": round(loss_tokens / steps / per_step, 1), "losses": [round(x, 4) for x in losses]}
+    if cuda:
+        result.update(peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                      peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
+                      mfu=round(flops_per_token * tokens / steps / per_step / 790e12, 4))
+    del trainer, model
+    if cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
+def train_bench(shapes: list[str], settings: list[str], steps: int, workdir: Path) -> list[dict]:
+    import shutil
+
+    results = []
+    for shape in shapes:
+        model_dir = _random_model_dir(shape, workdir / f"model-{shape}")
+        for setting in settings:
+            results.append(train_speed(shape, setting, steps, model_dir, workdir / f"out-{shape}-{setting}"))
+            print(json.dumps(results[-1]), flush=True)
+        shutil.rmtree(model_dir, ignore_errors=True)
+    base = {r["shape"]: r["tokens_per_s"] for r in results if r["setting"] == "tutorial"}
+    for r in results:
+        if r["shape"] in base:
+            r["speedup"] = round(r["tokens_per_s"] / base[r["shape"]], 2)
+    return results
+
+
+def print_rows(title: str, rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    cols = [c for c in rows[0] if c != "losses"] + ["first losses"]
+    table = Table(title=title)
+    for c in cols:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*[str(r.get(c, "")) for c in cols[:-1]], str(r["losses"][:5]))
     Console().print(table)

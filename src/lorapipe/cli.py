@@ -105,10 +105,21 @@ def cmd_eval(ns: argparse.Namespace) -> None:
 
 
 def cmd_bench(ns: argparse.Namespace) -> None:
+    import tempfile
+
     from lorapipe import bench
 
-    row = bench.eval_speed(ns.run, _overrides(ns), ns.limit)
-    bench.print_table("HumanEval greedy, fine-tuned model (vLLM + sandbox)", row)
+    if ns.what == "eval":
+        if not ns.run:
+            raise UserError("bench eval needs a run directory: lorapipe bench eval runs/<name>")
+        row = bench.eval_speed(ns.run, _overrides(ns), ns.limit)
+        bench.print_table("HumanEval greedy, fine-tuned model (vLLM + sandbox)", row)
+        return
+    shapes = ["tiny"] if ns.tiny else ns.shapes.split(",")
+    settings = ns.settings.split(",")
+    with tempfile.TemporaryDirectory(prefix="lorapipe-bench-") as tmp:
+        rows = bench.train_bench(shapes, settings, 2 if ns.tiny else ns.steps, Path(tmp))
+    bench.print_rows("QLoRA SFT: tutorial recipe vs lorapipe settings (same data, seed, effective batch 16)", rows)
 
 
 def cmd_verify(ns: argparse.Namespace) -> int:
@@ -151,7 +162,7 @@ def cmd_serve(ns: argparse.Namespace) -> None:
 def cmd_demo(ns: argparse.Namespace) -> None:
     from lorapipe import demo
 
-    demo.run(Path(ns.workdir), steps=ns.steps, examples=ns.examples, port=ns.port)
+    demo.run(Path(ns.workdir), steps=ns.steps, examples=ns.examples, port=ns.port, quick=ns.quick)
 
 
 VERBS = {
@@ -173,9 +184,14 @@ VERBS = {
         _add_section_flags(p, ["eval", "serve"])), cmd_compare),
     "eval": ("executed pass@1/pass@k, format, stop rate, held-out loss: base vs fine-tuned -> runs/<name>/eval/",
              lambda p: (p.add_argument("run"), _add_section_flags(p, ["eval", "serve"])), cmd_eval),
-    "bench": ("benchmarks that print a table: `bench eval RUN` (HumanEval greedy timing)", lambda p: (
-        p.add_argument("what", choices=["eval"]), p.add_argument("run"),
-        p.add_argument("--limit", type=int, default=None, help="only the first N tasks"),
+    "bench": ("benchmarks that print a table: `bench eval RUN` (HumanEval greedy timing), `bench train` "
+              "(tutorial recipe vs lorapipe settings)", lambda p: (
+        p.add_argument("what", choices=["eval", "train"]), p.add_argument("run", nargs="?"),
+        p.add_argument("--limit", type=int, default=None, help="eval: only the first N tasks"),
+        p.add_argument("--shapes", default="tinyllama-1.1b", help="train: model shapes (tinyllama-1.1b,llama3-8b)"),
+        p.add_argument("--settings", default="tutorial,speed,speed+liger", help="train: settings to compare"),
+        p.add_argument("--steps", type=int, default=12, help="train: optimizer steps per setting"),
+        p.add_argument("--tiny", action="store_true", help="train: a tiny model on CPU (CI: both paths run)"),
         _add_section_flags(p, ["eval", "serve"])), cmd_bench),
     "verify": ("prove what is served is what was trained (PEFT/merged/vLLM agreement, template, stop); exit 1 "
                "on FAIL", lambda p: (p.add_argument("run"), _add_section_flags(p, ["verify", "serve"])), cmd_verify),
@@ -189,7 +205,8 @@ VERBS = {
         p.add_argument("--workdir", default="lorapipe-demo", help="where the demo's runs go"),
         p.add_argument("--steps", type=int, default=40, help="optimizer steps to train"),
         p.add_argument("--examples", type=int, default=160, help="training examples used"),
-        p.add_argument("--port", type=int, default=8000)), cmd_demo),
+        p.add_argument("--port", type=int, default=8000),
+        p.add_argument("--quick", action="store_true", help="CI: verify/compare/eval on a few prompts only")), cmd_demo),
 }
 
 

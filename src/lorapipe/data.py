@@ -156,13 +156,18 @@ def _read_local_file(path: Path) -> list[tuple[str, Any]]:
     raise UserError(f"data.source: {path} has an unsupported extension; use .jsonl or .json")
 
 
-def _read_datasets(cfg: DataCfg, split_name: str) -> list[tuple[str, Any]]:
-    """A Hub id, a local dataset folder, or a `save_to_disk` folder, through `datasets`."""
+def _read_datasets(cfg: DataCfg, split_name: str) -> tuple[list[tuple[str, Any]], bool]:
+    """A Hub id, a local dataset folder, or a `save_to_disk` folder, through `datasets`.
+
+    Returns the rows and whether the split's slice was already applied (`load_dataset` slices natively, so a Hub
+    dataset is never downloaded whole for `train[:2000]`).
+    """
     import datasets
 
     src = cfg.source
     p = Path(src)
     try:
+        sliced = False
         if p.is_dir() and ((p / "state.json").exists() or (p / "dataset_dict.json").exists()):
             ds = datasets.load_from_disk(str(p))
             if isinstance(ds, datasets.DatasetDict):
@@ -170,19 +175,21 @@ def _read_datasets(cfg: DataCfg, split_name: str) -> list[tuple[str, Any]]:
                     raise UserError(f"data.split: {src} has no split '{split_name}' (has: {', '.join(ds)})")
                 ds = ds[split_name]
         else:
-            ds = datasets.load_dataset(src, cfg.subset, split=split_name)
+            ds = datasets.load_dataset(src, cfg.subset, split=cfg.split.strip())
+            sliced = True
     except UserError:
         raise
     except Exception as exc:  # datasets raises many types for a missing/unreachable dataset
         raise UserError(f"data.source: could not load dataset '{src}' split '{split_name}' "
                         f"({type(exc).__name__}: {str(exc)[:300]})") from None
-    return [(f"{src}[{split_name}][{i}]", dict(row)) for i, row in enumerate(ds)]
+    return [(f"{src}[{split_name}][{i}]", dict(row)) for i, row in enumerate(ds)], sliced
 
 
 def load_records(cfg: DataCfg) -> list[dict[str, str]]:
     """Validated Alpaca records from the configured source, split slice and max_examples."""
     split_name, sl = parse_split(cfg.split)
     src = cfg.source
+    sliced = False
     if src == "default":
         rows = _read_local_file(DEFAULT_TRAIN)
     else:
@@ -190,11 +197,12 @@ def load_records(cfg: DataCfg) -> list[dict[str, str]]:
         if p.is_file():
             rows = _read_local_file(p)
         elif p.is_dir() or "/" in src and not src.startswith((".", "/", "~")):
-            rows = _read_datasets(cfg, split_name)
+            rows, sliced = _read_datasets(cfg, split_name)
         else:
             raise UserError(f"data.source: {src} not found (a .jsonl/.json file, a dataset folder, a Hub id, "
                             "or 'default')")
-    rows = _apply_slice(rows, sl)
+    if not sliced:
+        rows = _apply_slice(rows, sl)
     if cfg.max_examples:
         rows = rows[: cfg.max_examples]
     records = [_check_record(rec, where) for where, rec in rows]

@@ -24,7 +24,8 @@ def _step(n: int, title: str) -> float:
     return time.perf_counter()
 
 
-def run(workdir: Path, steps: int = 40, examples: int = 160, port: int = 8000) -> dict:
+def run(workdir: Path, steps: int = 40, examples: int = 160, port: int = 8000, quick: bool = False) -> dict:
+    """Every stage in order. `quick` (CI) shrinks verify, compare and eval to a few prompts."""
     t0 = time.perf_counter()
     timings = {}
     t = _step(1, "embedded model: SmolLM2-135M-Instruct (GGUF -> bf16 safetensors, cached)")
@@ -48,12 +49,12 @@ def run(workdir: Path, steps: int = 40, examples: int = 160, port: int = 8000) -
     print(f"merged: {mr.merged_dir} ({mr.dtype})")
 
     t = _step(4, "verify: PEFT vs merged vs vLLM token agreement, template round-trip, stop check")
-    vr = verify.run(tr.run_dir, {"verify.num_prompts": 16, "verify.max_tokens": 48})
+    vr = verify.run(tr.run_dir, {"verify.num_prompts": 4 if quick else 8, "verify.max_tokens": 16 if quick else 48})
     timings["verify"] = time.perf_counter() - t
     print(vr.summary, end="")
 
     t = _step(5, "compare base vs fine-tuned on held-out prompts (vLLM, greedy, same template)")
-    cr = evaluate.compare(tr.run_dir)
+    cr = evaluate.compare(tr.run_dir, overrides={"eval.num_prompts": 2, "eval.max_tokens": 32} if quick else None)
     timings["compare"] = time.perf_counter() - t
     first = cr.rows[0]
     print(f"prompt: {first['instruction']}\n--- base:\n{first['base']['text'][:500]}\n--- fine-tuned:\n"
@@ -61,8 +62,9 @@ def run(workdir: Path, steps: int = 40, examples: int = 160, port: int = 8000) -
     for key in ("stopped_on_eos", "defines_function", "mean_tokens"):
         print(f"{key:>18}: base {cr.summary['base'][key]:.2f}   fine-tuned {cr.summary['finetuned'][key]:.2f}")
 
-    t = _step(6, "eval: executed tests, base vs fine-tuned (held-out tasks + first 20 HumanEval, greedy)")
-    er = evaluate.run(tr.run_dir, {"eval.humaneval_limit": 20, "eval.samples": 0})
+    t = _step(6, "eval: executed tests, base vs fine-tuned (held-out tasks + first 10 HumanEval, greedy)")
+    er = evaluate.run(tr.run_dir, {"eval.humaneval_limit": 2 if quick else 10, "eval.samples": 0,
+                                   "eval.max_tokens": 32 if quick else 192})
     timings["eval"] = time.perf_counter() - t
     for name, s in er.metrics["sets"].items():
         print(f"{name:>10} ({s['tasks']} tasks): pass@1 base {s['base']['pass@1']:.3f} -> fine-tuned "

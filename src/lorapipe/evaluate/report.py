@@ -43,7 +43,7 @@ def metric_bars(metrics: dict[str, Any], out: Path) -> None:
     for set_name, m in metrics["sets"].items():
         for key, v in m["base"].items():
             if isinstance(v, float) and key != "mean_tokens":
-                labels.append(f"{set_name}\n{key}")
+                labels.append(f"{set_name}\n{key.replace('_', chr(10))}")
                 base.append(v)
                 tuned.append(m["finetuned"][key])
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels)), 3.6), dpi=110)
@@ -75,8 +75,10 @@ def _table(rows: list[dict[str, Any]], limit: int) -> str:
 def write_html(out_dir: Path, metrics: dict[str, Any], rows: dict[str, list], has_loss: bool) -> Path:
     parts = [f"<h1>lorapipe eval: {html.escape(metrics['run'])}</h1>",
              f"<p>base <code>{html.escape(metrics['base_model'])}</code> vs the same base + adapter; same prompts, "
-             f"template and decoding (greedy for pass@1; {metrics['samples']} samples at temperature "
-             f"{metrics['sample_temperature']} for pass@{metrics['k']}). Generation: {metrics['generator']}.</p>"]
+             f"template and decoding (greedy for pass@1; "
+             + (f"{metrics['samples']} samples at temperature {metrics['sample_temperature']} for "
+                f"pass@{metrics['k']}" if metrics["samples"] else "pass@k not run: eval.samples is 0")
+             + f"). Generation: {metrics['generator']}.</p>"]
     loss = metrics.get("heldout_loss")
     if loss:
         parts.append(f"<p>held-out loss (reference solutions): base {loss['base']['loss']:.3f} "
