@@ -169,6 +169,10 @@ def _env(p: Plan) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(p.serve.cpu_kv_cache_gb))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if (os.cpu_count() or 1) <= 4:
+        # vLLM-cpu reserves a core for its scheduler; on a 2-core machine that halves the worker.
+        # Measured: HumanEval generation 1.37x faster with both cores for the worker (BENCHMARKS.md).
+        env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     return env
 
 
