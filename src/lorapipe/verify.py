@@ -142,7 +142,9 @@ def first_step_logit_diff(a, b, tok, prompts: list[str]) -> float:
     worst = 0.0
     for p in prompts:
         ids = tok(p, return_tensors="pt")["input_ids"]
-        worst = max(worst, (a(ids).logits[0, -1] - b(ids).logits[0, -1]).abs().max().item())
+        la = a(ids.to(a.device)).logits[0, -1].float().cpu()
+        lb = b(ids.to(b.device)).logits[0, -1].float().cpu()
+        worst = max(worst, (la - lb).abs().max().item())
     return worst
 
 
@@ -198,7 +200,7 @@ def run(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> VerifyR
         from lorapipe import merge
 
         merge.run(run_dir)
-    merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged", dtype=fp32).eval()
+    merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged", dtype=fp32).to(peft.device).eval()
     report["max_abs_logit_diff_peft_vs_merged"] = first_step_logit_diff(peft, merged, tok, texts[:8])
     outputs["merged"] = hf_greedy(merged, tok, texts, v.max_tokens, eos)
     del merged

@@ -84,7 +84,7 @@ def _generate_hf(run_dir: Path, cfg: RunCfg, prompts: list[str]) -> dict[str, di
 
     @torch.no_grad()
     def gen(batch: list[str], sample: bool) -> list[list[dict]]:
-        enc = tok(batch, return_tensors="pt", padding=True)
+        enc = tok(batch, return_tensors="pt", padding=True).to(model.device)
         n = e.samples if sample else 1
         kw = dict(do_sample=True, temperature=e.sample_temperature) if sample else dict(do_sample=False)
         ids = model.generate(**enc, max_new_tokens=e.max_tokens, num_return_sequences=n,
@@ -135,7 +135,7 @@ def heldout_loss(run_dir: Path, cfg: RunCfg) -> dict[str, dict[str, float]]:
             prompt = data_mod.render_prompt(r, cfg.data.template)
             p_ids = tok(prompt)["input_ids"]
             ids = tok(prompt + r["canonical_solution"])["input_ids"] + [tok.eos_token_id]
-            x = torch.tensor([ids])
+            x = torch.tensor([ids], device=model.device)
             logits = model(x).logits[0, :-1].float()
             target = x[0, 1:]
             losses = torch.nn.functional.cross_entropy(logits, target, reduction="none")[len(p_ids) - 1:]
