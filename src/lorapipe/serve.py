@@ -161,10 +161,6 @@ def plan(run_dirs: list[str | Path], overrides: dict[str, Any] | None = None, me
     return Plan(base, base_name, adapters, template, max_rank, first.serve, notes)
 
 
-def _dtype(p: Plan) -> str:
-    return p.serve.dtype
-
-
 def _env(p: Plan) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(p.serve.cpu_kv_cache_gb))
@@ -178,7 +174,7 @@ def _env(p: Plan) -> dict[str, str]:
 
 def engine_kwargs(p: Plan) -> dict[str, Any]:
     """Arguments for vllm.LLM (offline) — the same settings the server gets as flags."""
-    kw: dict[str, Any] = dict(model=p.base, max_model_len=p.serve.max_model_len, dtype=_dtype(p),
+    kw: dict[str, Any] = dict(model=p.base, max_model_len=p.serve.max_model_len, dtype=p.serve.dtype,
                               gpu_memory_utilization=p.serve.gpu_memory_utilization, seed=0)
     if p.adapters:
         kw.update(enable_lora=True, max_lora_rank=p.max_lora_rank, max_loras=min(p.serve.max_loras, len(p.adapters)))
@@ -188,7 +184,7 @@ def engine_kwargs(p: Plan) -> dict[str, Any]:
 def server_command(p: Plan) -> list[str]:
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", p.base,
            "--served-model-name", p.base_name, "--host", p.serve.host, "--port", str(p.serve.port),
-           "--max-model-len", str(p.serve.max_model_len), "--dtype", _dtype(p),
+           "--max-model-len", str(p.serve.max_model_len), "--dtype", p.serve.dtype,
            "--gpu-memory-utilization", str(p.serve.gpu_memory_utilization)]
     if p.adapters:
         cmd += ["--enable-lora", "--max-lora-rank", str(p.max_lora_rank),

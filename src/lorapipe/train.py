@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 from lorapipe import data as data_mod
 from lorapipe.config import RunCfg, dump_config
@@ -54,22 +55,16 @@ def _length_stats(tokenizer, pairs: list[dict[str, str]], max_length: int) -> di
             "tokens_max": lengths[-1], "truncated": truncated, "response_lost": lost}
 
 
-class _JsonlLogger:
-    """A TrainerCallback that appends every logged step to logs/metrics.jsonl (read by reports and plots)."""
+class _JsonlLogger(TrainerCallback):
+    """Appends every logged step to logs/metrics.jsonl (read by reports and plots)."""
 
     def __init__(self, path: Path):
-        from transformers import TrainerCallback
-
         self.path = path
-        outer = self
 
-        class CB(TrainerCallback):
-            def on_log(self, args, state, control, logs=None, **kw):
-                if logs:
-                    with outer.path.open("a", encoding="utf-8") as f:
-                        f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
-
-        self.callback = CB()
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
 
 
 def _target_modules(model, targets: list[str] | str) -> list[str]:
@@ -161,9 +156,8 @@ def run(cfg: RunCfg, overwrite: bool = False) -> TrainResult:
             include_num_input_tokens_seen=True,
             disable_tqdm=False,
         )
-        logger = _JsonlLogger(tmp / "logs" / "metrics.jsonl")
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs),
-                             processing_class=tokenizer, callbacks=[logger.callback])
+                             processing_class=tokenizer, callbacks=[_JsonlLogger(tmp / "logs" / "metrics.jsonl")])
         start = time.perf_counter()
         out = trainer.train()
         runtime = time.perf_counter() - start

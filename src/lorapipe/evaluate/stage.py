@@ -8,6 +8,7 @@ solutions. Writes runs/<name>/eval/{metrics.json, report.html, metrics.png, loss
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -101,11 +102,7 @@ def _generate_hf(run_dir: Path, cfg: RunCfg, prompts: list[str]) -> dict[str, di
         greedy, samples = [], []
         for i in range(0, len(prompts), 8):
             batch = prompts[i:i + 8]
-            if side == "base":
-                with model.disable_adapter():
-                    g = gen(batch, False)
-                    s = gen(batch, True) if e.samples else [[] for _ in batch]
-            else:
+            with model.disable_adapter() if side == "base" else contextlib.nullcontext():
                 g = gen(batch, False)
                 s = gen(batch, True) if e.samples else [[] for _ in batch]
             greedy += [r[0] for r in g]
