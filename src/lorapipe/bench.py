@@ -111,42 +111,62 @@ def _synthetic_data(n: int, vocab: int, seed: int, lo: int = 64, hi: int = 512) 
     return rows
 
 
-SETTINGS = {
-    # the tutorial recipe, exactly: batch 4 x accumulation 4, k-bit prep, checkpointing, paged AdamW, bf16
-    "tutorial": dict(batch=4, accum=4, kbit_prep=True, checkpointing=True, liger=False, optim="paged_adamw_32bit"),
-    # flags only: the same effective batch in one pass, no k-bit prep (norms stay bf16), no checkpointing
-    "speed": dict(batch=16, accum=1, kbit_prep=False, checkpointing=False, liger=False, optim="adamw_torch_fused"),
-    # + Liger kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy)
-    "speed+liger": dict(batch=16, accum=1, kbit_prep=False, checkpointing=False, liger=True,
-                        optim="adamw_torch_fused"),
-}
+def _settings() -> dict:
+    from lorapipe.speed import Setting, liger_available
+
+    liger = liger_available()
+    return {
+        # the tutorial recipe, exactly: batch 4 x accumulation 4, k-bit prep, checkpointing, paged AdamW, bf16
+        "tutorial": Setting("tutorial", 4, 4, True, True, False, False, False, "paged_adamw_32bit"),
+        # flags only: the same effective batch in one pass, no k-bit prep, no checkpointing, (+ Liger)
+        "flags": Setting("flags", 16, 1, False, False, False, False, False, "adamw_torch_fused"),
+        "flags+liger": Setting("flags+liger", 16, 1, False, False, False, False, liger, "adamw_torch_fused"),
+        # lorapipe's speed mode (+ padding-free varlen attention + cached dequantized weights), and ablations
+        "speed": Setting("speed", 16, 1, False, False, True, True, liger, "adamw_torch_fused"),
+        "speed-nocache": Setting("speed-nocache", 16, 1, False, False, True, False, liger, "adamw_torch_fused"),
+        "speed-noliger": Setting("speed-noliger", 16, 1, False, False, True, True, False, "adamw_torch_fused"),
+        # torch.compile of each layer instead of Liger (dynamo cannot trace Liger's autograd functions)
+        "speed+compile": Setting("speed+compile", 16, 1, False, False, True, True, False, "adamw_torch_fused", True),
+        # lorapipe's memory mode at the tutorial's micro-batch
+        "memory": Setting("memory", 4, 4, True, False, True, False, liger, "paged_adamw_8bit"),
+    }
 
 
-def train_speed(shape: str, setting: str, steps: int, model_dir: Path, workdir: Path, seed: int = 0) -> dict:
-    """Run `steps` optimizer steps of QLoRA SFT (NF4 + double quant, LoRA r=16 q/k/v/o) and measure them."""
+SETTINGS = ["tutorial", "flags", "flags+liger", "speed", "speed-nocache", "speed-noliger", "speed+compile", "memory"]
+
+
+def train_speed(model_dir: Path, setting_name: str, rows: list[dict], steps: int, workdir: Path, seed: int = 0,
+                label: str = "") -> dict:
+    """Run `steps` optimizer steps of QLoRA SFT (NF4 + double quant, LoRA r=16 q/k/v/o, effective batch 16) on
+    pre-tokenized `rows` and measure them."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
+    from lorapipe import speed
     from lorapipe.config import QuantCfg
     from lorapipe.models import quantization_config
 
-    s = SETTINGS[setting]
+    s = _settings()[setting_name]
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32
+    attn = speed.register_varlen() if s.padding_free else "sdpa"
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=dtype, quantization_config=quantization_config(QuantCfg(), dtype),
-        device_map={"": 0} if cuda else {"": "cpu"})
-    if s["kbit_prep"]:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=s["checkpointing"],
+        device_map={"": 0} if cuda else {"": "cpu"}, attn_implementation=attn)
+    if s.kbit_prep:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=s.checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(seed)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
-                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    vocab = model.config.vocab_size
-    rows = _synthetic_data(16 * steps, vocab, seed)
+                                             target_modules=targets))
+    if s.cache_dequant:
+        speed.cache_dequantized(model, dtype)
+    if s.compile:
+        speed.compile_layers(model)
     times: list[float] = []
 
     class Clock(TrainerCallback):
@@ -160,66 +180,141 @@ def train_speed(shape: str, setting: str, steps: int, model_dir: Path, workdir: 
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - self.t)
 
-    args = SFTConfig(output_dir=str(workdir), per_device_train_batch_size=s["batch"],
-                     gradient_accumulation_steps=s["accum"], max_steps=steps, learning_rate=2e-4,
-                     optim=s["optim"] if cuda else "adamw_torch", bf16=cuda, use_cpu=not cuda,
-                     gradient_checkpointing=s["checkpointing"],
+    callbacks = [Clock()]
+    if os.environ.get("LORAPIPE_PROFILE") and cuda:  # kernel table of steps 4-5, to find where the time goes
+        from torch.profiler import ProfilerActivity, profile
+
+        class Prof(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                if state.global_step == 3:
+                    self.p = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                    self.p.__enter__()
+
+            def on_step_end(self, args, state, control, **kw):
+                if state.global_step == 5:
+                    self.p.__exit__(None, None, None)
+                    print(self.p.key_averages().table(sort_by="cuda_time_total", row_limit=30), flush=True)
+
+        callbacks.append(Prof())
+    args = SFTConfig(output_dir=str(workdir), per_device_train_batch_size=s.micro_batch,
+                     gradient_accumulation_steps=s.accum, max_steps=steps, learning_rate=2e-4,
+                     optim=s.optim if cuda else "adamw_torch", bf16=cuda, use_cpu=not cuda,
+                     gradient_checkpointing=s.checkpointing,
                      gradient_checkpointing_kwargs={"use_reentrant": False}, logging_steps=1, report_to="none",
-                     save_strategy="no", seed=seed, data_seed=seed, max_length=512, completion_only_loss=True,
-                     use_liger_kernel=s["liger"], dataloader_pin_memory=cuda, disable_tqdm=True, warmup_steps=0,
-                     lr_scheduler_type="constant", max_grad_norm=0.3)
+                     save_strategy="no", seed=seed, data_seed=seed,
+                     max_length=None if s.padding_free else max(len(r["input_ids"]) for r in rows),
+                     padding_free=s.padding_free, completion_only_loss=True, use_liger_kernel=s.liger,
+                     dataloader_pin_memory=cuda, disable_tqdm=True, warmup_steps=0, lr_scheduler_type="constant",
+                     max_grad_norm=0.3)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    from transformers import AutoTokenizer
-
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), callbacks=[Clock()],
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), callbacks=callbacks,
                          processing_class=AutoTokenizer.from_pretrained(model_dir))
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    tokens = sum(len(r["input_ids"]) for r in rows)
-    loss_tokens = sum(sum(r["completion_mask"]) for r in rows)
-    warm = times[1:] or times  # the first step pays for compilation and allocator warm-up
+    raw = {}
+    if os.environ.get("LORAPIPE_PROFILE") and cuda:  # forward+backward alone, outside the Trainer
+        batch = {k: v.to(0) if hasattr(v, "to") else v for k, v in trainer.data_collator(
+            [{"input_ids": r["input_ids"], "labels": [t if m else -100 for t, m in
+                                                      zip(r["input_ids"], r["completion_mask"])]}
+             for r in rows[:16]]).items()}
+        fwd_bwd = []
+        for _ in range(6):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model(**batch).loss.backward()
+            torch.cuda.synchronize()
+            fwd_bwd.append(time.perf_counter() - t0)
+        raw = {"raw_fwd_bwd_s": round(sum(fwd_bwd[2:]) / 4, 4)}
+    used = rows[: 16 * steps] if len(rows) >= 16 * steps else (rows * (16 * steps // len(rows) + 1))[: 16 * steps]
+    tokens = sum(len(r["input_ids"]) for r in used)
+    loss_tokens = sum(sum(r["completion_mask"][1:]) for r in used)
+    warm = times[2:] or times  # the first steps pay for kernel selection and allocator warm-up
     per_step = sum(warm) / len(warm)
-    params = model.get_nb_trainable_parameters()[1]
-    flops_per_token = 6 * params  # forward + backward, dense approximation
-    result = {"shape": shape, "setting": setting, "steps": steps, "s_per_step": round(per_step, 3),
-              "tokens_per_s": round(tokens / steps / per_step, 1),
-              "loss_tokens_per_s": round(loss_tokens / steps / per_step, 1), "losses": [round(x, 4) for x in losses]}
+    config = AutoConfig.from_pretrained(model_dir)
+    mean_len = tokens / len(used)
+    result = {"shape": label, "setting": setting_name, "steps": steps, "micro_batch": f"{s.micro_batch}x{s.accum}",
+              "s_per_step": round(per_step, 3), "tokens_per_s": round(tokens / steps / per_step, 1),
+              "loss_tokens_per_s": round(loss_tokens / steps / per_step, 1), **raw,
+              "losses": [round(x, 4) for x in losses]}
     if cuda:
         result.update(peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                       peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
-                      mfu=round(flops_per_token * tokens / steps / per_step / 790e12, 4))
+                      mfu=round(speed.flops_per_token(config, mean_len) * tokens / steps / per_step / 790e12, 4))
+        est_tokens = speed.micro_tokens([len(r["input_ids"]) for r in used], s.micro_batch, s.padding_free)
+        result["estimate_gib"] = speed.estimate_memory(config, s, est_tokens, quantized=True, dtype_bytes=2, r=16,
+                                                       targets=targets)["total"]
     del trainer, model
     if cuda:
         torch.cuda.empty_cache()
     return result
 
 
-def train_bench(shapes: list[str], settings: list[str], steps: int, workdir: Path) -> list[dict]:
+def train_bench(shapes: list[str], settings: list[str], steps: int, workdir: Path, fixed_len: int | None = None,
+                keep: bool = False) -> list[dict]:
+    """Random-weight models of the named shapes; synthetic examples of 64-512 tokens (or exactly `fixed_len`).
+    With `keep`, models are saved in `workdir` once and reused by later calls."""
     import shutil
 
     results = []
     for shape in shapes:
-        model_dir = _random_model_dir(shape, workdir / f"model-{shape}")
+        model_dir = workdir / f"model-{shape}"
+        if not (keep and (model_dir / "config.json").exists()):
+            _random_model_dir(shape, model_dir)
+        lo, hi = (fixed_len, fixed_len) if fixed_len else (64, 512)
+        rows = _synthetic_data(16 * steps, SHAPES[shape][5], 0, lo, hi)
         for setting in settings:
-            results.append(train_speed(shape, setting, steps, model_dir, workdir / f"out-{shape}-{setting}"))
+            results.append(train_speed(model_dir, setting, rows, steps, workdir / f"out-{shape}-{setting}",
+                                       label=shape))
             print(json.dumps(results[-1]), flush=True)
-        shutil.rmtree(model_dir, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(model_dir, ignore_errors=True)
+    _ratios(results)
+    return results
+
+
+def parity_bench(settings: list[str], steps: int, workdir: Path) -> list[dict]:
+    """Loss parity on real weights and real data: the embedded SmolLM2-135M on lorapipe's shipped training set."""
+    from transformers import AutoTokenizer
+
+    from lorapipe.config import DataCfg, ModelCfg
+    from lorapipe.models import resolve_model
+
+    model_dir = resolve_model(ModelCfg())
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    pairs = data_mod.to_prompt_completion(data_mod.load_records(DataCfg()), "tutorial")
+    rows, _ = data_mod.tokenize(tok, pairs, 512)
+    rows = [r for r in rows if any(r["completion_mask"])]
+    results = []
+    for setting in settings:
+        results.append(train_speed(Path(model_dir), setting, rows, steps, workdir / f"out-parity-{setting}",
+                                   label="smollm2-135m"))
+        print(json.dumps(results[-1]), flush=True)
+    _ratios(results)
+    ref = next((r for r in results if r["setting"] == "tutorial"), None)
+    if ref:
+        for r in results:
+            diffs = [abs(a - b) / b for a, b in zip(r["losses"], ref["losses"])]
+            r["max_loss_rel_diff"] = round(max(diffs), 4)
+            r["mean_loss_rel_diff"] = round(sum(diffs) / len(diffs), 4)
+    return results
+
+
+def _ratios(results: list[dict]) -> None:
     base = {r["shape"]: r["tokens_per_s"] for r in results if r["setting"] == "tutorial"}
     for r in results:
         if r["shape"] in base:
             r["speedup"] = round(r["tokens_per_s"] / base[r["shape"]], 2)
-    return results
 
 
 def print_rows(title: str, rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    cols = [c for c in rows[0] if c != "losses"] + ["first losses"]
+    cols = list(dict.fromkeys(c for r in rows for c in r if c != "losses")) + ["first losses"]
     table = Table(title=title)
     for c in cols:
         table.add_column(c)
     for r in rows:
         table.add_row(*[str(r.get(c, "")) for c in cols[:-1]], str(r["losses"][:5]))
-    Console().print(table)
+    Console(width=220).print(table)

@@ -115,11 +115,26 @@ def cmd_bench(ns: argparse.Namespace) -> None:
         row = bench.eval_speed(ns.run, _overrides(ns), ns.limit)
         bench.print_table("HumanEval greedy, fine-tuned model (vLLM + sandbox)", row)
         return
-    shapes = ["tiny"] if ns.tiny else ns.shapes.split(",")
     settings = ns.settings.split(",")
+    unknown = [s for s in settings if s not in bench.SETTINGS]
+    if unknown:
+        raise UserError(f"--settings: unknown {', '.join(unknown)}; choose from {', '.join(bench.SETTINGS)}")
     with tempfile.TemporaryDirectory(prefix="lorapipe-bench-") as tmp:
-        rows = bench.train_bench(shapes, settings, 2 if ns.tiny else ns.steps, Path(tmp))
-    bench.print_rows("QLoRA SFT: tutorial recipe vs lorapipe settings (same data, seed, effective batch 16)", rows)
+        if ns.workdir:
+            tmp = ns.workdir
+        if ns.what == "parity":
+            rows = bench.parity_bench(settings, ns.steps, Path(tmp))
+            title = "Loss parity: SmolLM2-135M on lorapipe's training set (real weights, real data)"
+        else:
+            shapes = ["tiny"] if ns.tiny else ns.shapes.split(",")
+            rows = bench.train_bench(shapes, settings, 2 if ns.tiny else ns.steps, Path(tmp), ns.fixed_len,
+                                     keep=bool(ns.workdir))
+            title = "QLoRA SFT: tutorial recipe vs lorapipe settings (same data, seed, effective batch 16)"
+    bench.print_rows(title, rows)
+    if ns.json:
+        from lorapipe.runs import write_json
+
+        write_json(Path(ns.json), {"rows": rows})
 
 
 def cmd_verify(ns: argparse.Namespace) -> int:
@@ -185,12 +200,17 @@ VERBS = {
     "eval": ("executed pass@1/pass@k, format, stop rate, held-out loss: base vs fine-tuned -> runs/<name>/eval/",
              lambda p: (p.add_argument("run"), _add_section_flags(p, ["eval", "serve"])), cmd_eval),
     "bench": ("benchmarks that print a table: `bench eval RUN` (HumanEval greedy timing), `bench train` "
-              "(tutorial recipe vs lorapipe settings)", lambda p: (
-        p.add_argument("what", choices=["eval", "train"]), p.add_argument("run", nargs="?"),
+              "(tutorial recipe vs lorapipe settings), `bench parity` (losses on SmolLM2 + real data)", lambda p: (
+        p.add_argument("what", choices=["eval", "train", "parity"]), p.add_argument("run", nargs="?"),
         p.add_argument("--limit", type=int, default=None, help="eval: only the first N tasks"),
         p.add_argument("--shapes", default="tinyllama-1.1b", help="train: model shapes (tinyllama-1.1b,llama3-8b)"),
-        p.add_argument("--settings", default="tutorial,speed,speed+liger", help="train: settings to compare"),
-        p.add_argument("--steps", type=int, default=12, help="train: optimizer steps per setting"),
+        p.add_argument("--settings", default="tutorial,speed,memory", help="train/parity: settings to compare "
+                       "(tutorial, flags, flags+liger, speed, speed-nocache, speed-noliger, memory)"),
+        p.add_argument("--steps", type=int, default=12, help="train/parity: optimizer steps per setting"),
+        p.add_argument("--fixed-len", type=int, default=None, help="train: every example this many tokens "
+                       "(default: 64-512)"),
+        p.add_argument("--json", default=None, help="also write the rows to this JSON file"),
+        p.add_argument("--workdir", default=None, help="train: keep the random models here and reuse them"),
         p.add_argument("--tiny", action="store_true", help="train: a tiny model on CPU (CI: both paths run)"),
         _add_section_flags(p, ["eval", "serve"])), cmd_bench),
     "verify": ("prove what is served is what was trained (PEFT/merged/vLLM agreement, template, stop); exit 1 "

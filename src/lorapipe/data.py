@@ -231,3 +231,27 @@ def load_prompts(path: str | None, n: int | None = None) -> list[dict[str, str]]
     if not out:
         raise UserError(f"{p}: no prompts")
     return out[:n] if n else out
+
+
+def tokenize(tokenizer, pairs: list[dict[str, str]], max_length: int | None) -> tuple[list[dict], dict[str, int]]:
+    """Prompt/completion pairs to token ids and a completion mask, exactly as TRL's SFTTrainer would tokenize them
+    (EOS appended to the completion, the completion starting where prompt and prompt+completion diverge), then cut to
+    `max_length` (keeping the start). Tokenizing here lets preflight report what the trainer will see, and lets the
+    padding-free path (which TRL does not truncate) receive examples already cut.
+    """
+    eos = tokenizer.eos_token
+    rows, truncated, lost = [], 0, 0
+    for p in pairs:
+        completion = p["completion"] if p["completion"].endswith(eos) else p["completion"] + eos
+        prompt_ids = tokenizer(p["prompt"])["input_ids"]
+        ids = tokenizer(p["prompt"] + completion)["input_ids"]
+        k = 0
+        while k < min(len(prompt_ids), len(ids)) and prompt_ids[k] == ids[k]:
+            k += 1
+        mask = [0] * k + [1] * (len(ids) - k)
+        if max_length is not None and len(ids) > max_length:
+            truncated += 1
+            ids, mask = ids[:max_length], mask[:max_length]
+            lost += not any(mask)
+        rows.append({"input_ids": ids, "completion_mask": mask})
+    return rows, {"truncated": truncated, "response_lost": lost}

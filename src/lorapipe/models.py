@@ -140,11 +140,13 @@ def quantization_config(quant: QuantCfg, dtype: torch.dtype):
     )
 
 
-def load_model(path: str, cfg: ModelCfg, quant: QuantCfg | None, dtype: torch.dtype):
+def load_model(path: str, cfg: ModelCfg, quant: QuantCfg | None, dtype: torch.dtype, attn: str | None = None):
     """Load the base for training (4-bit when quant.load_in_4bit) or in full precision (quant None: merge, verify)."""
     from transformers import AutoModelForCausalLM
 
     kwargs: dict = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype)
+    if attn:
+        kwargs["attn_implementation"] = attn
     if quant is not None and quant.load_in_4bit:
         kwargs["quantization_config"] = quantization_config(quant, dtype)
         kwargs["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}

@@ -18,6 +18,7 @@ import torch
 from transformers import TrainerCallback
 
 from lorapipe import data as data_mod
+from lorapipe import speed
 from lorapipe.config import RunCfg, dump_config
 from lorapipe.errors import UserError
 from lorapipe.models import compute_dtype, device_summary, load_model, load_tokenizer, resolve_model
@@ -41,18 +42,38 @@ def _optim(name: str) -> str:
     return "paged_adamw_32bit" if torch.cuda.is_available() else "adamw_torch"
 
 
-def _length_stats(tokenizer, pairs: list[dict[str, str]], max_length: int) -> dict[str, Any]:
-    """Token counts as the trainer will see them (prompt + completion + EOS); truncation is reported, never silent."""
-    lengths, lost = [], 0
-    for p in pairs:
-        n_prompt = len(tokenizer(p["prompt"])["input_ids"])
-        n = len(tokenizer(p["prompt"] + p["completion"])["input_ids"]) + 1
-        lengths.append(n)
-        lost += n_prompt >= max_length
-    lengths.sort()
-    truncated = sum(n > max_length for n in lengths)
+def _length_stats(rows: list[dict], cut: dict[str, int], max_length: int) -> dict[str, Any]:
+    """Token counts as the trainer sees them (prompt + completion + EOS); truncation is reported, never silent."""
+    lengths = sorted(len(r["input_ids"]) for r in rows)
     return {"examples": len(lengths), "tokens_total": sum(lengths), "tokens_p50": lengths[len(lengths) // 2],
-            "tokens_max": lengths[-1], "truncated": truncated, "response_lost": lost}
+            "tokens_max": lengths[-1], "max_length": max_length, **cut}
+
+
+def layout(cfg: RunCfg, base: str, rows: list[dict], dtype: torch.dtype) -> tuple[speed.Setting, dict[str, float]]:
+    """The mode's Setting for this run, and its estimated peak memory (GiB, by part)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+    lengths = [len(r["input_ids"]) for r in rows]
+    targets = (list(speed.LORA_NAMES) if cfg.lora.target_modules == "all-linear" else cfg.lora.target_modules)
+
+    def estimate(s: speed.Setting) -> dict[str, float]:
+        tokens = speed.micro_tokens(lengths, s.micro_batch, s.padding_free)
+        return speed.estimate_memory(config, s, tokens, quantized=cfg.quant.load_in_4bit,
+                                     dtype_bytes=torch.finfo(dtype).bits // 8, r=cfg.lora.r, targets=targets,
+                                     lora_dropout=cfg.lora.dropout > 0)
+
+    cuda = torch.cuda.is_available()
+    free = torch.cuda.mem_get_info()[0] / 2**30 if cuda else None
+    t = cfg.train
+    setting = speed.choose(t.mode, batch=t.per_device_train_batch_size, accum=t.gradient_accumulation_steps,
+                           checkpointing=t.gradient_checkpointing, optim=_optim(t.optim),
+                           quantized=cfg.quant.load_in_4bit, cuda=cuda,
+                           fits=(lambda s: estimate(s)["total"] <= 0.9 * free) if cuda else None)
+    est = estimate(setting)
+    if free is not None:
+        est["gpu_free"] = round(free, 2)
+    return setting, est
 
 
 class _JsonlLogger(TrainerCallback):
@@ -103,25 +124,32 @@ def run(cfg: RunCfg, overwrite: bool = False) -> TrainResult:
     dtype = compute_dtype(cfg.model.dtype)
     tokenizer = load_tokenizer(base, cfg.model)
     tokenizer.chat_template = data_mod.chat_template(cfg.data.template, bos=data_mod.adds_bos(tokenizer))
-    stats = _length_stats(tokenizer, pairs, cfg.data.max_length)
+    rows, cut = data_mod.tokenize(tokenizer, pairs, cfg.data.max_length)
+    stats = _length_stats(rows, cut, cfg.data.max_length)
     if stats["truncated"]:
         log.warning("%d of %d examples are longer than data.max_length=%d and will be truncated (%d lose their "
-                    "whole response)", stats["truncated"], stats["examples"], cfg.data.max_length,
+                    "whole response and are dropped)", stats["truncated"], stats["examples"], cfg.data.max_length,
                     stats["response_lost"])
     if stats["response_lost"] == stats["examples"]:
         raise UserError(f"data.max_length: {cfg.data.max_length} tokens cut off every response; raise it")
+    rows = [r for r in rows if any(r["completion_mask"])] if cfg.data.completion_only_loss else rows
 
     from datasets import Dataset
 
-    model = load_model(base, cfg.model, cfg.quant, dtype)
-    if cfg.quant.load_in_4bit:
+    setting, estimate = layout(cfg, base, rows, dtype)
+    log.info("train.mode=%s -> %s; estimated peak %.2f GiB", cfg.train.mode, setting.as_dict(), estimate["total"])
+    attn = speed.register_varlen() if setting.padding_free else None
+    model = load_model(base, cfg.model, cfg.quant, dtype, attn=attn)
+    if cfg.quant.load_in_4bit and setting.kbit_prep:
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.train.gradient_checkpointing,
+            model, use_gradient_checkpointing=setting.checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
         model = get_peft_model(model, _lora_config(cfg, model))
     except ValueError as exc:
         raise UserError(f"lora.target_modules: {exc}") from None
+    if setting.cache_dequant:
+        speed.cache_dequantized(model, dtype)
     trainable, total = model.get_nb_trainable_parameters()
 
     with atomic_dir(run_dir, overwrite=overwrite) as tmp:
@@ -130,17 +158,17 @@ def run(cfg: RunCfg, overwrite: bool = False) -> TrainResult:
         t = cfg.train
         args = SFTConfig(
             output_dir=str(tmp / "logs"),
-            per_device_train_batch_size=t.per_device_train_batch_size,
-            gradient_accumulation_steps=t.gradient_accumulation_steps,
+            per_device_train_batch_size=setting.micro_batch,
+            gradient_accumulation_steps=setting.accum,
             learning_rate=t.learning_rate,
             num_train_epochs=t.num_train_epochs,
             max_steps=t.max_steps,
             warmup_steps=t.warmup_ratio,
             lr_scheduler_type=t.lr_scheduler_type,
-            optim=_optim(t.optim),
+            optim=setting.optim,
             weight_decay=t.weight_decay,
             max_grad_norm=t.max_grad_norm,
-            gradient_checkpointing=t.gradient_checkpointing,
+            gradient_checkpointing=setting.checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
             logging_steps=t.logging_steps,
             save_strategy="steps" if t.save_steps else "no",
@@ -150,13 +178,15 @@ def run(cfg: RunCfg, overwrite: bool = False) -> TrainResult:
             fp16=dtype == torch.float16,
             use_cpu=not torch.cuda.is_available(),
             report_to="none",
-            max_length=cfg.data.max_length,
+            max_length=None if setting.padding_free else cfg.data.max_length,  # rows are already cut
+            padding_free=setting.padding_free,
+            use_liger_kernel=setting.liger,
             completion_only_loss=cfg.data.completion_only_loss,
             dataset_num_proc=None,
             include_num_input_tokens_seen=True,
             disable_tqdm=False,
         )
-        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs),
+        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                              processing_class=tokenizer, callbacks=[_JsonlLogger(tmp / "logs" / "metrics.jsonl")])
         start = time.perf_counter()
         out = trainer.train()
@@ -179,6 +209,8 @@ def run(cfg: RunCfg, overwrite: bool = False) -> TrainResult:
             "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available()
             else None,
             "data": stats,
+            "layout": setting.as_dict(),
+            "memory_estimate_gib": estimate,
             "versions": _versions(),
         }
         write_json(tmp / "metrics.json", metrics)

@@ -1,0 +1,279 @@
+"""Training speed and memory: the levers lorapipe adds on top of TRL/PEFT/bitsandbytes, and the mode that uses them.
+
+Modes (`train.mode`), all at the configured hyper-parameters (effective batch, lr, LoRA, data, seed):
+- tutorial: the configured flags exactly as written (the QLoRA tutorial recipe by default).
+- speed:    the whole effective batch in one padding-free micro-batch (variable-length attention, no padding and no
+            cross-example attention), no k-bit prep (norms and embeddings stay bf16), no checkpointing, the NF4
+            weights dequantized once and kept (bitsandbytes would dequantize them again in every matmul, forward and
+            backward, to the very same bf16 values), Liger kernels where installed, fused AdamW.
+- memory:   the configured micro-batch, padding-free, checkpointing, no k-bit prep (it would upcast the embeddings
+            and output layer to fp32), Liger's fused linear cross-entropy (no logits tensor), paged 8-bit AdamW.
+- auto:     speed when its estimated peak fits in the GPU's free memory, else memory; the configured flags on CPU.
+
+Every lever is exact: the same examples in the same order, the same masks, the same quantized weights.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import types
+from dataclasses import asdict, dataclass
+
+import torch
+
+VARLEN = "lorapipe_varlen"
+LORA_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Padding-free attention: TRL's padding-free collator flattens a batch into one row and passes the sequence
+# boundaries (cu_seq_lens_q, max_length_q); this attention keeps every example to itself.
+
+
+_VARLEN_API: dict[str, bool] = {}  # which keyword arguments this torch's varlen_attn takes (2.10: is_causal; later:
+# window_size and enable_gqa), read once outside any compiled region
+
+
+def _varlen_kwargs() -> dict:
+    if not _VARLEN_API:
+        from torch.nn.attention import varlen
+
+        params = inspect.signature(varlen.varlen_attn).parameters
+        _VARLEN_API.update(causal="is_causal" in params, gqa="enable_gqa" in params)
+    return _VARLEN_API
+
+
+def varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                     cu_seq_lens_q: torch.Tensor | None = None, max_length_q: int | None = None, **kwargs):
+    """transformers attention function: variable-length flash attention over a padding-free batch.
+
+    Without sequence boundaries (evaluation, generation) it is plain SDPA. On CPU (tests, CI) each example gets its
+    own causal SDPA call, which is the reference the CUDA kernel is checked against.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if cu_seq_lens_q is None or query.shape[0] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, head_dim)
+    cu = cu_seq_lens_q.to(device=q.device, dtype=torch.int32)
+    if q.is_cuda:
+        from torch.nn.attention.varlen import varlen_attn
+
+        kind = _varlen_kwargs()
+        extra = {"is_causal": True} if kind["causal"] else {"window_size": (-1, 0)}
+        if q.shape[1] != k.shape[1]:
+            if kind["gqa"]:
+                extra["enable_gqa"] = True
+            else:
+                rep = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        out = varlen_attn(q, k, v, cu, cu, int(max_length_q), int(max_length_q), scale=scaling, **extra)
+    else:
+        rep = q.shape[1] // k.shape[1]
+        outs = []
+        bounds = cu.tolist()
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))
+            outs.append(torch.nn.functional.scaled_dot_product_attention(
+                qs, ks.repeat_interleave(rep, 0), vs.repeat_interleave(rep, 0), is_causal=True,
+                scale=scaling).transpose(0, 1))
+        if bounds[-1] < q.shape[0]:  # trailing pad from pad_to_multiple_of: attends to itself only, carries no loss
+            outs.append(v[bounds[-1]:].repeat_interleave(rep, 1))
+        out = torch.cat(outs, 0)
+    return out.unsqueeze(0), None
+
+
+def _varlen_mask(*args, attention_mask=None, **kwargs):
+    """No mask for a padding-free or unpadded batch (the kernel is causal by itself); SDPA's mask for a padded one."""
+    from transformers.masking_utils import sdpa_mask
+
+    if attention_mask is None:
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+def register_varlen() -> str:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(VARLEN, varlen_attention)
+    AttentionMaskInterface.register(VARLEN, _varlen_mask)
+    if torch.cuda.is_available():
+        _varlen_kwargs()
+    return VARLEN
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cached dequantized weights.
+
+
+def _cached_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    dtype = x.dtype
+    w = self._lorapipe_w
+    out = torch.nn.functional.linear(x.to(w.dtype), w, None if self.bias is None else self.bias.to(w.dtype))
+    return out.to(dtype)
+
+
+def cache_dequantized(model, dtype: torch.dtype) -> int:
+    """Dequantize every frozen NF4/FP4 weight once and use it in place of bitsandbytes' per-call dequantization.
+
+    bitsandbytes' training matmul dequantizes the 4-bit weight to the compute dtype and calls a dense matmul, twice
+    per step (forward and backward). The base weights never change, so the result is the same bf16 matrix every
+    time; keeping it trades memory (2 bytes/parameter) for the dequantize kernels. Returns the bytes added.
+    """
+    import bitsandbytes as bnb
+
+    added = 0
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit) and not hasattr(m, "_lorapipe_w"):
+            w = bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state).to(dtype)
+            m.register_buffer("_lorapipe_w", w, persistent=False)
+            m.forward = types.MethodType(_cached_forward, m)
+            added += w.numel() * w.element_size()
+    return added
+
+
+def compile_layers(model) -> int:
+    """torch.compile each decoder layer (dynamic shapes: a padding-free batch changes length every step)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = base.model.layers
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
+def liger_available() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory estimate: what the trainer will hold at its peak, from the model config and the settings.
+
+
+@dataclass
+class Setting:
+    """How one training run is laid out; the hyper-parameters themselves never change between modes."""
+
+    mode: str
+    micro_batch: int
+    accum: int
+    checkpointing: bool
+    kbit_prep: bool
+    padding_free: bool
+    cache_dequant: bool
+    liger: bool
+    optim: str
+    compile: bool = False
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _shape(config) -> dict:
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    return {"h": c.hidden_size, "inter": c.intermediate_size, "layers": c.num_hidden_layers, "heads": heads,
+            "kv": getattr(c, "num_key_value_heads", None) or heads, "head_dim": head_dim, "vocab": c.vocab_size,
+            "tied": bool(getattr(c, "tie_word_embeddings", False))}
+
+
+def linear_params(s: dict) -> int:
+    """Parameters in the decoder's linear layers (what bitsandbytes quantizes)."""
+    attn = s["h"] * s["heads"] * s["head_dim"] * 2 + s["h"] * s["kv"] * s["head_dim"] * 2
+    return s["layers"] * (attn + 3 * s["h"] * s["inter"])
+
+
+def lora_params(s: dict, r: int, targets: list[str]) -> int:
+    q, kv = s["heads"] * s["head_dim"], s["kv"] * s["head_dim"]
+    dims = {"q_proj": (s["h"], q), "k_proj": (s["h"], kv), "v_proj": (s["h"], kv), "o_proj": (q, s["h"]),
+            "gate_proj": (s["h"], s["inter"]), "up_proj": (s["h"], s["inter"]), "down_proj": (s["inter"], s["h"])}
+    return s["layers"] * sum(r * (dims[t][0] + dims[t][1]) for t in targets if t in dims)
+
+
+def estimate_memory(config, setting: Setting, tokens_per_micro: int, *, quantized: bool, dtype_bytes: int,
+                    r: int, targets: list[str], lora_dropout: bool = True) -> dict[str, float]:
+    """Peak bytes of a LoRA/QLoRA step, by part. `tokens_per_micro`: tokens in the largest micro-batch (padded
+    length x batch without padding-free; the sum of lengths with it).
+
+    The activation model counts what autograd keeps per token and layer when only LoRA weights train: the norm
+    inputs, the LoRA inputs (dropout copies and masks), attention q/out and k/v, and the MLP's gate/up/activation.
+    """
+    s = _shape(config)
+    h, inter, layers, vocab = s["h"], s["inter"], s["layers"], s["vocab"]
+    lin = linear_params(s)
+    other = vocab * h * (1 if s["tied"] else 2) + layers * 2 * h + h
+    wbytes = dtype_bytes
+    weights = (lin * (0.5 + 1 / 64 * (1 + 4 / 256)) if quantized else lin * wbytes)
+    weights += other * (4 if setting.kbit_prep else wbytes)
+    cached = lin * wbytes if setting.cache_dequant and quantized else 0
+    lp = lora_params(s, r, targets)
+    optim_bytes = {"paged_adamw_8bit": 2, "adamw_8bit": 2}.get(setting.optim, 8)
+    lora = lp * (4 + 4 + optim_bytes)  # fp32 weights + grads + optimizer states (TRL keeps LoRA fp32 unless QLoRA)
+    n_lora_in = len([t for t in targets if t in LORA_NAMES])
+    q, kv = s["heads"] * s["head_dim"], s["kv"] * s["head_dim"]
+    per_token_layer = wbytes * (3 * h + 2 * q + 2 * kv + (2 if setting.liger else 3) * inter)
+    if lora_dropout:
+        per_token_layer += n_lora_in * (wbytes * h + h)  # dropout output + mask
+    act_per_token = (wbytes * h * layers + per_token_layer) if setting.checkpointing else per_token_layer * layers
+    activations = act_per_token * tokens_per_micro
+    # TRL's fused LM head computes the loss in chunks of up to 32k tokens: one fp32 chunk of logits at a time
+    logits = min(tokens_per_micro, 32768) * vocab * 4
+    parts = {"weights": weights, "dequant_cache": cached, "lora_and_optimizer": lora, "activations": activations,
+             "logits": logits}
+    # one dequantized weight matrix in flight, plus allocator slack
+    parts["workspace"] = (h * inter * wbytes if quantized and not setting.cache_dequant else 0) + 0.05 * sum(
+        parts.values())
+    parts["total"] = sum(parts.values())
+    return {k: round(v / 2**30, 3) for k, v in parts.items()}
+
+
+def micro_tokens(lengths: list[int], micro: int, padding_free: bool) -> int:
+    """Tokens in a typical large micro-batch of `micro` examples drawn at random: padded to its longest example
+    (about the 1 - 1/(micro+1) quantile of lengths), or, padding-free, the sum of lengths (mean + 10 %)."""
+    xs = sorted(lengths)
+    if padding_free:
+        return int(micro * sum(xs) / len(xs) * 1.1)
+    q = xs[min(len(xs) - 1, int(len(xs) * (1 - 1 / (micro + 1))))]
+    return q * micro
+
+
+def choose(mode: str, *, batch: int, accum: int, checkpointing: bool, optim: str, quantized: bool,
+           cuda: bool, fits=None) -> Setting:
+    """The run's layout for `mode`. `fits(setting) -> bool` says whether a setting's estimate fits free memory."""
+    if mode == "auto":
+        if not cuda:
+            mode = "tutorial"
+        else:
+            mode = "speed" if fits is None or fits(choose("speed", batch=batch, accum=accum,
+                                                            checkpointing=checkpointing, optim=optim,
+                                                            quantized=quantized, cuda=cuda)) else "memory"
+    liger = liger_available()
+    if mode == "tutorial":
+        return Setting("tutorial", batch, accum, checkpointing, quantized, False, False, False, optim)
+    if mode == "memory":
+        return Setting("memory", batch, accum, True, False, True, False, liger,
+                       "paged_adamw_8bit" if cuda else optim)
+    if mode == "speed":
+        total = batch * accum
+        micro = total
+        if fits is not None:  # the largest micro-batch that divides the effective batch and fits
+            for m in sorted((d for d in range(1, total + 1) if total % d == 0), reverse=True):
+                micro = m
+                if fits(Setting("speed", m, total // m, False, False, True, quantized, liger, optim)):
+                    break
+        return Setting("speed", micro, total // micro, False, False, True, quantized and cuda, liger,
+                       "adamw_torch_fused" if cuda else optim)
+    raise ValueError(f"unknown mode {mode}")
+
+
+def flops_per_token(config, seq_len: float) -> float:
+    """Model FLOPs per trained token for LoRA: forward 2N plus backward through activations 2N (frozen weights get no
+    weight gradient), plus causal attention; recomputation is not counted (it is overhead, not model work)."""
+    s = _shape(config)
+    n = linear_params(s) + s["vocab"] * s["h"]
+    attn = 4 * s["layers"] * s["heads"] * s["head_dim"] * seq_len / 2  # QK^T and PV, causal half, fwd
+    return 4 * n + 3 * attn
+

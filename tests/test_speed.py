@@ -1,0 +1,117 @@
+"""Speed levers are exact: padding-free attention, cached dequantized weights; the mode chooser; the estimate."""
+
+import pytest
+import torch
+
+
+def _lm(tiny_model, attn=None, quant=False):
+    from transformers import AutoModelForCausalLM
+
+    from lorapipe.config import QuantCfg
+    from lorapipe.models import quantization_config
+
+    kw = {"attn_implementation": attn} if attn else {}
+    if quant:
+        kw.update(quantization_config=quantization_config(QuantCfg(), torch.float32), device_map={"": "cpu"})
+    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, **kw).eval()
+
+
+def test_padding_free_varlen_attention_matches_padded_batch(tiny_model):
+    """Three examples flattened into one row (TRL's padding-free collator) give the logits of the padded batch."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from lorapipe import speed
+
+    torch.manual_seed(0)
+    seqs = [torch.randint(3, 600, (n,)).tolist() for n in (7, 13, 4)]
+    padded = DataCollatorForLanguageModeling(pad_token_id=0)([{"input_ids": s} for s in seqs])
+    flat = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)([{"input_ids": s} for s in seqs])
+    assert flat["input_ids"].shape == (1, 24) and "attention_mask" not in flat
+    ref = _lm(tiny_model)(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
+    out = _lm(tiny_model, speed.register_varlen())(
+        input_ids=flat["input_ids"], position_ids=flat["position_ids"], cu_seq_lens_q=flat["cu_seq_lens_q"],
+        cu_seq_lens_k=flat["cu_seq_lens_k"], max_length_q=flat["max_length_q"],
+        max_length_k=flat["max_length_k"]).logits[0]
+    start = 0
+    for i, s in enumerate(seqs):
+        torch.testing.assert_close(out[start:start + len(s)], ref[i, :len(s)], atol=1e-5, rtol=1e-5)
+        start += len(s)
+    # without boundaries (evaluation, generation) the same attention is plain SDPA
+    plain = _lm(tiny_model, speed.register_varlen())(input_ids=padded["input_ids"],
+                                                     attention_mask=padded["attention_mask"]).logits
+    torch.testing.assert_close(plain, ref)
+
+
+def test_cached_dequantized_weights_give_bitsandbytes_outputs(tiny_model):
+    """The cached matrix is what bitsandbytes dequantizes in every call: same logits, same input gradients."""
+    from lorapipe import speed
+
+    ids = torch.randint(3, 600, (2, 11))
+    model = _lm(tiny_model, quant=True)
+    emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    ref = model(inputs_embeds=emb).logits
+    ref.sum().backward()
+    ref_grad = emb.grad.clone()
+    added = speed.cache_dequantized(model, torch.float32)
+    assert added == speed.linear_params(speed._shape(model.config)) * 4
+    emb.grad = None
+    out = model(inputs_embeds=emb).logits
+    out.sum().backward()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(emb.grad, ref_grad, atol=1e-5, rtol=1e-5)
+
+
+def test_choose_modes():
+    from lorapipe.speed import choose
+
+    kw = dict(batch=4, accum=4, checkpointing=True, optim="paged_adamw_32bit", quantized=True)
+    cpu = choose("auto", cuda=False, **kw)
+    assert (cpu.mode, cpu.micro_batch, cpu.accum, cpu.checkpointing, cpu.kbit_prep) == ("tutorial", 4, 4, True, True)
+    fast = choose("auto", cuda=True, fits=lambda s: True, **kw)
+    assert (fast.mode, fast.micro_batch, fast.accum, fast.padding_free, fast.cache_dequant, fast.checkpointing) == \
+        ("speed", 16, 1, True, True, False)
+    # speed does not fit even at micro-batch 1 -> memory mode, at the configured micro-batch
+    mem = choose("auto", cuda=True, fits=lambda s: s.checkpointing, **kw)
+    assert (mem.mode, mem.micro_batch, mem.accum, mem.checkpointing, mem.optim) == \
+        ("memory", 4, 4, True, "paged_adamw_8bit")
+    # speed picks the largest micro-batch that fits and keeps the effective batch
+    part = choose("speed", cuda=True, fits=lambda s: s.micro_batch <= 5, **kw)
+    assert (part.micro_batch, part.accum) == (4, 4)
+    tut = choose("tutorial", cuda=True, fits=lambda s: True, **kw)
+    assert (tut.micro_batch, tut.accum, tut.kbit_prep, tut.optim) == (4, 4, True, "paged_adamw_32bit")
+
+
+def test_memory_estimate_tracks_the_h200_measurements():
+    """The estimate against peaks measured on an H200 (BENCHMARKS.md): within 25 % for every recorded setting."""
+    from transformers import LlamaConfig
+
+    from lorapipe.bench import SHAPES, _settings, _synthetic_data
+    from lorapipe.speed import estimate_memory, micro_tokens
+
+    measured = [("tinyllama-1.1b", "tutorial", 12, None, 1.80), ("tinyllama-1.1b", "speed", 12, None, 10.41),
+                ("tinyllama-1.1b", "speed-nocache", 12, None, 8.59), ("llama3-8b", "tutorial", 10, None, 9.33),
+                ("llama3-8b", "speed", 10, None, 44.78), ("llama3-8b", "memory", 8, 512, 6.44)]
+    for shape, name, steps, fixed, peak in measured:
+        h, inter, layers, heads, kv, vocab = SHAPES[shape]
+        config = LlamaConfig(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers,
+                             num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab)
+        s = _settings()[name]
+        rows = _synthetic_data(16 * steps, vocab, 0, fixed or 64, fixed or 512)
+        tokens = micro_tokens([len(r["input_ids"]) for r in rows], s.micro_batch, s.padding_free)
+        est = estimate_memory(config, s, tokens, quantized=True, dtype_bytes=2, r=16,
+                              targets=["q_proj", "k_proj", "v_proj", "o_proj"])["total"]
+        assert abs(est / peak - 1) <= 0.25, (shape, name, est, peak)
+
+
+@pytest.mark.slow
+def test_train_speed_mode_on_cpu(tiny_cfg):
+    """train.mode=speed runs end to end on CPU (padding-free, one micro-batch) and records its layout."""
+    import json
+
+    from lorapipe import train
+
+    r = train.run(tiny_cfg(**{"train.mode": "speed"}))
+    m = json.loads((r.run_dir / "metrics.json").read_text())
+    assert m["layout"]["mode"] == "speed" and m["layout"]["padding_free"] is True
+    assert m["layout"]["micro_batch"] == 2 and m["steps"] == 2
+    assert (r.run_dir / "adapter" / "adapter_model.safetensors").exists()
