@@ -93,7 +93,7 @@ def test_non_utf8_and_missing_and_empty(tmp_path):
     with pytest.raises(UserError, match="not found"):
         data.load_records(DataCfg(source=str(tmp_path / "missing.jsonl")))
     (tmp_path / "empty.jsonl").write_text("\n")
-    with pytest.raises(UserError, match="holds no examples"):
+    with pytest.raises(UserError, match="holds no usable examples"):
         data.load_records(DataCfg(source=str(tmp_path / "empty.jsonl")))
 
 

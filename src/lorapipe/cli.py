@@ -28,7 +28,7 @@ def _add_section_flags(parser: argparse.ArgumentParser, sections: list[str], top
             dotted = f"{prefix}.{name}" if prefix else name
             default = f.default_factory() if f.default_factory else f.default
             group.add_argument(f"--{dotted}", dest=f"cfg:{dotted}", metavar="V", default=argparse.SUPPRESS,
-                               help=f"{f.description} [default: {default}]")
+                               help=f"{f.description} [default: {default}]".replace("%", "%%"))
 
     if top_level:
         add("", RunCfg)
@@ -48,9 +48,24 @@ def cmd_train(ns: argparse.Namespace) -> None:
     from lorapipe import train
 
     cfg = load_config(ns.config, _overrides(ns))
-    r = train.run(cfg, overwrite=ns.overwrite)
+    r = train.run(cfg, overwrite=ns.overwrite, force=ns.force)
     print(f"\ntrained {r.steps} steps in {r.runtime_s:.0f}s, train loss {r.train_loss:.4f}")
     print(f"run directory: {r.run_dir}  (adapter/, config.yaml, metrics.json, logs/)")
+
+
+def cmd_preflight(ns: argparse.Namespace) -> int:
+    from lorapipe import preflight
+    from lorapipe.runs import write_json, write_text
+
+    cfg = load_config(ns.config, _overrides(ns))
+    report, text = preflight.run(cfg)
+    print(text, end="")
+    out = Path(cfg.output_dir) / f"{cfg.name}.preflight"
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "preflight.json", report)
+    write_text(out / "preflight.md", text)
+    print(f"written: {out}/preflight.json and preflight.md")
+    return 1 if report["problems"] else 0
 
 
 def cmd_config(ns: argparse.Namespace) -> None:
@@ -185,7 +200,12 @@ VERBS = {
     "train": ("QLoRA SFT from a config file -> runs/<name>/", lambda p: (
         p.add_argument("config", nargs="?", help="YAML config (omit for all defaults)"),
         p.add_argument("--overwrite", action="store_true", help="replace an existing run directory"),
+        p.add_argument("--force", action="store_true", help="train even when preflight finds a problem"),
         _add_section_flags(p, list(SECTIONS), top_level=True)), cmd_train),
+    "preflight": ("check the data before training: lengths, truncation, loss share, EOS, rendered examples, "
+                  "memory estimate, steps; exit 1 on a problem", lambda p: (
+        p.add_argument("config", nargs="?", help="YAML config (omit for all defaults)"),
+        _add_section_flags(p, list(SECTIONS), top_level=True)), cmd_preflight),
     "config": ("print the resolved config (YAML + overrides + defaults)", lambda p: (
         p.add_argument("config", nargs="?"), _add_section_flags(p, list(SECTIONS), top_level=True)), cmd_config),
     "merge": ("fuse the adapter into the full-precision base -> runs/<name>/merged/", lambda p: (

@@ -63,22 +63,51 @@ class LoraCfg(_Section):
 
 
 class DataCfg(_Section):
-    source: str = Field(
+    source: str | list[str] = Field(
         "default",
-        description="Training data: 'default' (lorapipe's shipped Python instruction set), a local .jsonl/.json "
-        "file, or a Hub dataset id.",
+        description="Training data: 'default' (lorapipe's shipped Python instruction set), a local .jsonl/.json/"
+        ".csv/.parquet file, a folder of them, a saved dataset folder, or a Hub dataset id; a list of these is "
+        "mixed (concatenated; one format).",
     )
-    split: str = Field("train", description="Split with an optional slice, e.g. 'train[:2000]'.")
+    split: str = Field("train", description="Split with an optional slice, e.g. 'train[:2000]' or 'train[10%:]'.")
     subset: str | None = Field(None, description="Hub dataset configuration (subset) name.")
-    format: Literal["alpaca"] = Field("alpaca", description="Record format: alpaca (instruction, input, output).")
+    format: Literal["auto", "alpaca", "messages", "prompt_completion", "text"] = Field(
+        "auto",
+        description="Record format. auto: from the columns. alpaca: instruction/input/output; messages: chat "
+        "[{role, content}] rendered with the model's chat template (loss on the last assistant turn); "
+        "prompt_completion: prompt/completion text; text: raw text (loss on all of it).",
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Rename source columns to lorapipe's fields, e.g. {question: instruction, answer: output}.",
+    )
     template: Literal["tutorial", "alpaca"] = Field(
         "tutorial",
-        description="Prompt template. tutorial: the tutorial's exact prompt (Input section always present, "
-        "'### Output:'); alpaca: Stanford Alpaca's (Input omitted when empty, '### Response:').",
+        description="Prompt template for alpaca records. tutorial: the tutorial's exact prompt (Input section "
+        "always present, '### Output:'); alpaca: Stanford Alpaca's (Input omitted when empty, '### Response:').",
     )
     max_examples: int | None = Field(None, gt=0, description="Use only the first N examples (after the split).")
-    max_length: int = Field(512, gt=8, description="Maximum tokens per example (prompt + response + EOS).")
-    completion_only_loss: bool = Field(True, description="Train on the response only (the prompt carries no loss).")
+    max_length: int = Field(512, gt=8, description="Maximum tokens per example (prompt + response + EOS); longer "
+                            "examples are cut (and reported).")
+    completion_only_loss: bool = Field(True, description="Train on the response only (the prompt carries no loss); "
+                                       "false: train on the whole text.")
+    val_size: float | None = Field(None, gt=0, description="Hold out this share (< 1) or count (>= 1) of the "
+                                   "examples as a validation set; its loss is logged during training.")
+    val_source: str | None = Field(None, description="A separate validation file/dataset (same format); "
+                                   "overrides val_size.")
+    val_split: str = Field("train", description="Split of val_source, e.g. 'validation' for a Hub dataset.")
+    skip_bad_rows: bool = Field(False, description="Skip malformed rows (bad JSON, ragged CSV, missing or "
+                                "wrongly typed fields) and count them, instead of stopping at the first.")
+    max_response_lost_share: float = Field(0.05, ge=0, le=1, description="train refuses to start when more than "
+                                           "this share of examples lose their whole response to max_length "
+                                           "(--force overrides).")
+
+    @field_validator("val_size")
+    @classmethod
+    def _count_or_share(cls, v: float | None) -> float | None:
+        if v is not None and v >= 1 and v != int(v):
+            raise ValueError("must be a share below 1 (0.1) or a whole count (200)")
+        return v
 
 
 class TrainCfg(_Section):
@@ -106,6 +135,8 @@ class TrainCfg(_Section):
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory "
                                          "(tutorial mode; speed and memory modes decide it).")
     logging_steps: int = Field(1, gt=0, description="Log metrics every N optimizer steps.")
+    eval_steps: int = Field(50, gt=0, description="Validation loss every N optimizer steps (and at the end), when "
+                            "there is a validation set (data.val_size or data.val_source).")
     save_steps: int = Field(0, ge=0, description="Save a checkpoint every N steps under logs/ (0: only at the end).")
     seed: int = Field(42, description="Random seed for data order and adapter initialisation.")
 

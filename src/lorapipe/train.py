@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -17,11 +18,10 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from lorapipe import data as data_mod
-from lorapipe import speed
+from lorapipe import preflight, speed
 from lorapipe.config import RunCfg, dump_config
 from lorapipe.errors import UserError
-from lorapipe.models import compute_dtype, device_summary, load_model, load_tokenizer, resolve_model
+from lorapipe.models import device_summary, load_model
 from lorapipe.runs import atomic_dir, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -34,46 +34,6 @@ class TrainResult:
     steps: int
     runtime_s: float
     metrics: dict[str, Any]
-
-
-def _optim(name: str) -> str:
-    if name != "auto":
-        return name
-    return "paged_adamw_32bit" if torch.cuda.is_available() else "adamw_torch"
-
-
-def _length_stats(rows: list[dict], cut: dict[str, int], max_length: int) -> dict[str, Any]:
-    """Token counts as the trainer sees them (prompt + completion + EOS); truncation is reported, never silent."""
-    lengths = sorted(len(r["input_ids"]) for r in rows)
-    return {"examples": len(lengths), "tokens_total": sum(lengths), "tokens_p50": lengths[len(lengths) // 2],
-            "tokens_max": lengths[-1], "max_length": max_length, **cut}
-
-
-def layout(cfg: RunCfg, base: str, rows: list[dict], dtype: torch.dtype) -> tuple[speed.Setting, dict[str, float]]:
-    """The mode's Setting for this run, and its estimated peak memory (GiB, by part)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(base, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
-    lengths = [len(r["input_ids"]) for r in rows]
-    targets = (list(speed.LORA_NAMES) if cfg.lora.target_modules == "all-linear" else cfg.lora.target_modules)
-
-    def estimate(s: speed.Setting) -> dict[str, float]:
-        tokens = speed.micro_tokens(lengths, s.micro_batch, s.padding_free)
-        return speed.estimate_memory(config, s, tokens, quantized=cfg.quant.load_in_4bit,
-                                     dtype_bytes=torch.finfo(dtype).bits // 8, r=cfg.lora.r, targets=targets,
-                                     lora_dropout=cfg.lora.dropout > 0)
-
-    cuda = torch.cuda.is_available()
-    free = torch.cuda.mem_get_info()[0] / 2**30 if cuda else None
-    t = cfg.train
-    setting = speed.choose(t.mode, batch=t.per_device_train_batch_size, accum=t.gradient_accumulation_steps,
-                           checkpointing=t.gradient_checkpointing, optim=_optim(t.optim),
-                           quantized=cfg.quant.load_in_4bit, cuda=cuda,
-                           fits=(lambda s: estimate(s)["total"] <= 0.9 * free) if cuda else None)
-    est = estimate(setting)
-    if free is not None:
-        est["gpu_free"] = round(free, 2)
-    return setting, est
 
 
 class _JsonlLogger(TrainerCallback):
@@ -110,7 +70,22 @@ def _lora_config(cfg: RunCfg, model):
                       task_type="CAUSAL_LM")
 
 
-def run(cfg: RunCfg, overwrite: bool = False) -> TrainResult:
+def _rss_gib() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _current_rss_gib() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except OSError:
+        return 0.0
+
+
+def run(cfg: RunCfg, overwrite: bool = False, force: bool = False) -> TrainResult:
     """Train a LoRA adapter as `cfg` says and write runs/<name>/ (config, adapter, tokenizer, logs, metrics)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
     from trl import SFTConfig, SFTTrainer
@@ -118,26 +93,20 @@ def run(cfg: RunCfg, overwrite: bool = False) -> TrainResult:
     run_dir = cfg.run_dir()
     if run_dir.exists() and not overwrite:
         raise UserError(f"{run_dir}: already exists; pick another --name or pass --overwrite")
-    records = data_mod.load_records(cfg.data)
-    pairs = data_mod.to_prompt_completion(records, cfg.data.template)
-    base = resolve_model(cfg.model)
-    dtype = compute_dtype(cfg.model.dtype)
-    tokenizer = load_tokenizer(base, cfg.model)
-    tokenizer.chat_template = data_mod.chat_template(cfg.data.template, bos=data_mod.adds_bos(tokenizer))
-    rows, cut = data_mod.tokenize(tokenizer, pairs, cfg.data.max_length)
-    stats = _length_stats(rows, cut, cfg.data.max_length)
-    if stats["truncated"]:
-        log.warning("%d of %d examples are longer than data.max_length=%d and will be truncated (%d lose their "
-                    "whole response and are dropped)", stats["truncated"], stats["examples"], cfg.data.max_length,
-                    stats["response_lost"])
-    if stats["response_lost"] == stats["examples"]:
-        raise UserError(f"data.max_length: {cfg.data.max_length} tokens cut off every response; raise it")
-    rows = [r for r in rows if any(r["completion_mask"])] if cfg.data.completion_only_loss else rows
+    prep = preflight.prepare(cfg)
+    log.info("preflight:\n%s", preflight.summary(prep.report))
+    preflight.check(prep, force)
+    if prep.report["truncated"]:
+        log.warning("%d of %d examples are longer than data.max_length=%d and are truncated (%d lose their whole "
+                    "response and are dropped)", prep.report["truncated"], prep.report["examples"],
+                    cfg.data.max_length, prep.report["response_lost"])
+    base, dtype, tokenizer, rows, setting, estimate = (prep.base, prep.dtype, prep.tokenizer, prep.rows,
+                                                         prep.setting, prep.estimate)
 
     from datasets import Dataset
 
-    setting, estimate = layout(cfg, base, rows, dtype)
     log.info("train.mode=%s -> %s; estimated peak %.2f GiB", cfg.train.mode, setting.as_dict(), estimate["total"])
+    rss_before = _current_rss_gib()
     attn = speed.register_varlen() if setting.padding_free else None
     model = load_model(base, cfg.model, cfg.quant, dtype, attn=attn)
     if cfg.quant.load_in_4bit and setting.kbit_prep:
@@ -155,6 +124,8 @@ def run(cfg: RunCfg, overwrite: bool = False) -> TrainResult:
     with atomic_dir(run_dir, overwrite=overwrite) as tmp:
         (tmp / "logs").mkdir()
         write_text(tmp / "config.yaml", dump_config(cfg))
+        write_json(tmp / "preflight.json", prep.report)
+        write_text(tmp / "preflight.md", preflight.summary(prep.report))
         t = cfg.train
         args = SFTConfig(
             output_dir=str(tmp / "logs"),
@@ -171,6 +142,9 @@ def run(cfg: RunCfg, overwrite: bool = False) -> TrainResult:
             gradient_checkpointing=setting.checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
             logging_steps=t.logging_steps,
+            eval_strategy="steps" if prep.val_rows else "no",
+            eval_steps=t.eval_steps,
+            per_device_eval_batch_size=setting.micro_batch,
             save_strategy="steps" if t.save_steps else "no",
             save_steps=t.save_steps or 500,
             seed=t.seed,
@@ -187,10 +161,12 @@ def run(cfg: RunCfg, overwrite: bool = False) -> TrainResult:
             disable_tqdm=False,
         )
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                             eval_dataset=Dataset.from_list(prep.val_rows) if prep.val_rows else None,
                              processing_class=tokenizer, callbacks=[_JsonlLogger(tmp / "logs" / "metrics.jsonl")])
         start = time.perf_counter()
         out = trainer.train()
         runtime = time.perf_counter() - start
+        val = trainer.evaluate() if prep.val_rows else {}
         trainer.model.save_pretrained(tmp / "adapter")
         tokenizer.save_pretrained(tmp / "adapter")
         trainer.state.save_to_json(str(tmp / "logs" / "trainer_state.json"))
@@ -208,7 +184,11 @@ def run(cfg: RunCfg, overwrite: bool = False) -> TrainResult:
             "device": device_summary(),
             "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available()
             else None,
-            "data": stats,
+            "data": {k: prep.report[k] for k in ("format", "examples", "validation_examples", "truncated",
+                                                 "response_lost", "loss_token_share", "skipped_bad_rows")},
+            "eval_loss": val.get("eval_loss"),
+            "peak_rss_gib": round(_rss_gib(), 3),
+            "rss_before_model_gib": round(rss_before, 3),
             "layout": setting.as_dict(),
             "memory_estimate_gib": estimate,
             "versions": _versions(),

@@ -1,0 +1,196 @@
+"""`lorapipe preflight`: what training will see, checked before a GPU-hour is spent (also run by `train`).
+
+Loads and validates the data, renders it with the template that will be saved with the adapter, tokenizes it exactly
+as the trainer will, and reports: example counts, prompt/response token lengths, truncation, the share of tokens that
+carry loss, duplicates, EOS at the end of every example, two fully rendered examples with the loss-bearing part
+marked, the layout of the step (train.mode) with its estimated peak memory, and the number of steps. It refuses
+(unless --force) when no token carries loss or when too many examples lose their whole response.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lorapipe import data as data_mod
+from lorapipe import speed
+from lorapipe.config import RunCfg
+from lorapipe.errors import UserError
+from lorapipe.models import compute_dtype, load_tokenizer, resolve_model
+
+log = logging.getLogger(__name__)
+LOSS_OPEN, LOSS_CLOSE = "⟦", "⟧"  # marks the loss-bearing part of a rendered example
+
+
+@dataclass
+class Prepared:
+    """Everything train needs from the data side, and the preflight report."""
+
+    base: str
+    dtype: torch.dtype
+    tokenizer: Any
+    format: str
+    rows: list[dict]
+    val_rows: list[dict]
+    setting: speed.Setting
+    estimate: dict[str, float]
+    report: dict[str, Any]
+    problems: list[str]
+
+
+def layout(cfg: RunCfg, base: str, rows: list[dict], dtype: torch.dtype) -> tuple[speed.Setting, dict[str, float]]:
+    """The mode's Setting for this run, and its estimated peak memory (GiB, by part)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+    lengths = [len(r["input_ids"]) for r in rows]
+    targets = list(speed.LORA_NAMES) if cfg.lora.target_modules == "all-linear" else cfg.lora.target_modules
+
+    def estimate(s: speed.Setting) -> dict[str, float]:
+        return speed.estimate_memory(config, s, speed.micro_tokens(lengths, s.micro_batch, s.padding_free),
+                                     quantized=cfg.quant.load_in_4bit, dtype_bytes=torch.finfo(dtype).bits // 8,
+                                     r=cfg.lora.r, targets=targets, lora_dropout=cfg.lora.dropout > 0)
+
+    cuda = torch.cuda.is_available()
+    free = torch.cuda.mem_get_info()[0] / 2**30 if cuda else None
+    t = cfg.train
+    optim = t.optim if t.optim != "auto" else ("paged_adamw_32bit" if cuda else "adamw_torch")
+    setting = speed.choose(t.mode, batch=t.per_device_train_batch_size, accum=t.gradient_accumulation_steps,
+                           checkpointing=t.gradient_checkpointing, optim=optim, quantized=cfg.quant.load_in_4bit,
+                           cuda=cuda, fits=(lambda s: estimate(s)["total"] <= 0.9 * free) if cuda else None)
+    est = estimate(setting)
+    if free is not None:
+        est["gpu_free"] = round(free, 2)
+    return setting, est
+
+
+def _quantiles(xs: list[int]) -> dict[str, int]:
+    if not xs:
+        return {"p50": 0, "p95": 0, "max": 0}
+    s = sorted(xs)
+    return {"p50": s[len(s) // 2], "p95": s[min(len(s) - 1, int(len(s) * 0.95))], "max": s[-1]}
+
+
+def _rendered(tokenizer, row: dict, completion_only: bool) -> str:
+    ids, mask = row["input_ids"], row["completion_mask"] if completion_only else [1] * len(row["input_ids"])
+    out, cur, start = [], mask[0] if mask else 0, 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or mask[i] != cur:
+            text = tokenizer.decode(ids[start:i])
+            out.append(f"{LOSS_OPEN}{text}{LOSS_CLOSE}" if cur else text)
+            if i < len(ids):
+                cur, start = mask[i], i
+    return "".join(out)
+
+
+def prepare(cfg: RunCfg) -> Prepared:
+    loaded = data_mod.load_data(cfg.data)
+    train_recs, val_recs = data_mod.split_validation(loaded, cfg.data, cfg.train.seed)
+    base = resolve_model(cfg.model)
+    dtype = compute_dtype(cfg.model.dtype)
+    tokenizer = load_tokenizer(base, cfg.model)
+    bos = data_mod.adds_bos(tokenizer)
+    if loaded.format == "alpaca":
+        tokenizer.chat_template = data_mod.chat_template(cfg.data.template, bos=bos)
+    elif loaded.format != "messages":  # messages keep (and are rendered by) the model's own chat template
+        tokenizer.chat_template = data_mod.plain_chat_template(bos=bos)
+    special = loaded.format != "messages"
+    pairs = data_mod.to_pairs(train_recs, loaded.format, cfg.data.template, tokenizer)
+    rows, cut = data_mod.tokenize(tokenizer, pairs, cfg.data.max_length, special)
+    val_rows: list[dict] = []
+    if val_recs:
+        val_pairs = data_mod.to_pairs(val_recs, loaded.format, cfg.data.template, tokenizer)
+        val_rows, _ = data_mod.tokenize(tokenizer, val_pairs, cfg.data.max_length, special)
+    completion_only = cfg.data.completion_only_loss and loaded.format != "text"
+    if completion_only:  # TRL drops examples whose response was cut away entirely; so do we, and we say so
+        keep = [i for i, r in enumerate(rows) if any(r["completion_mask"])]
+    else:
+        keep = list(range(len(rows)))
+    n = len(rows)
+    tokens = sum(len(r["input_ids"]) for r in rows)
+    loss_tokens = sum(sum(r["completion_mask"]) if completion_only else len(r["input_ids"]) for r in rows)
+    eos = tokenizer.eos_token_id
+    dup = n - len({(p["prompt"], p["completion"]) for p in pairs})
+    t = cfg.train
+    setting, estimate = layout(cfg, base, [rows[i] for i in keep] or rows, dtype)
+    per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps
+    steps = t.max_steps if t.max_steps > 0 else math.ceil(len(keep) / per_step * t.num_train_epochs)
+    report = {
+        "format": loaded.format, "sources": loaded.sources, "template": cfg.data.template if loaded.format ==
+        "alpaca" else ("model chat template" if loaded.format == "messages" else "plain"),
+        "examples": n, "validation_examples": len(val_rows), "skipped_bad_rows": len(loaded.skipped),
+        "skipped_examples": loaded.skipped[:10],
+        "prompt_tokens": _quantiles([k for k, _ in cut["lengths"]]),
+        "response_tokens": _quantiles([m for _, m in cut["lengths"]]),
+        "max_length": cfg.data.max_length, "truncated": cut["truncated"], "response_lost": cut["response_lost"],
+        "tokens": tokens, "loss_tokens": loss_tokens, "loss_token_share": round(loss_tokens / tokens, 4) if tokens
+        else 0.0, "loss_on": "response" if completion_only else "whole text",
+        "duplicates": dup, "empty_prompts": sum(not p["prompt"].strip() for p in pairs) if loaded.format !=
+        "text" else 0,
+        "ending_with_eos": sum(bool(r["input_ids"]) and r["input_ids"][-1] == eos for r in rows),
+        "examples_rendered": [_rendered(tokenizer, rows[i], completion_only) for i in keep[:2]],
+        "layout": setting.as_dict(), "memory_estimate_gib": estimate, "device": "cuda" if torch.cuda.is_available()
+        else "cpu", "effective_batch": per_step, "steps": steps,
+    }
+    problems = []
+    if loss_tokens == 0:
+        problems.append("no token carries loss: every response is empty or cut away (check data.max_length, "
+                        "data.format and data.columns)")
+    share = cut["response_lost"] / n if n else 0.0
+    if share > cfg.data.max_response_lost_share:
+        problems.append(f"{cut['response_lost']} of {n} examples ({share:.0%}) lose their whole response to "
+                        f"data.max_length={cfg.data.max_length} (allowed: data.max_response_lost_share="
+                        f"{cfg.data.max_response_lost_share}); raise data.max_length or shorten the prompts")
+    report["problems"] = problems
+    return Prepared(base, dtype, tokenizer, loaded.format, [rows[i] for i in keep], val_rows, setting, estimate,
+                    report, problems)
+
+
+def summary(report: dict[str, Any]) -> str:
+    """The report as Markdown people read before training."""
+    r = report
+    mem = r["memory_estimate_gib"]
+    lay = r["layout"]
+    lines = [
+        "# Preflight",
+        "",
+        f"- data: {', '.join(r['sources'])} ({r['format']}, template: {r['template']})",
+        f"- examples: {r['examples']} train, {r['validation_examples']} validation; {r['skipped_bad_rows']} bad rows "
+        f"skipped; {r['duplicates']} duplicates; {r['empty_prompts']} empty prompts",
+        f"- prompt tokens p50/p95/max: {r['prompt_tokens']['p50']}/{r['prompt_tokens']['p95']}/"
+        f"{r['prompt_tokens']['max']}; response tokens (with EOS): {r['response_tokens']['p50']}/"
+        f"{r['response_tokens']['p95']}/{r['response_tokens']['max']}",
+        f"- max_length {r['max_length']}: {r['truncated']} examples truncated, {r['response_lost']} lose their whole "
+        "response",
+        f"- loss on the {r['loss_on']}: {r['loss_tokens']} of {r['tokens']} tokens ({r['loss_token_share']:.1%}); "
+        f"{r['ending_with_eos']} of {r['examples']} examples end with EOS",
+        f"- layout (train.mode): {lay['mode']}, micro-batch {lay['micro_batch']} x {lay['accum']}, checkpointing "
+        f"{lay['checkpointing']}, padding-free {lay['padding_free']}, optimizer {lay['optim']}",
+        f"- estimated peak memory on {r['device']}: {mem['total']:.2f} GiB (weights {mem['weights']:.2f}, "
+        f"activations {mem['activations']:.2f}, logits {mem['logits']:.2f}"
+        + (f"; GPU free {mem['gpu_free']:.1f}" if "gpu_free" in mem else "") + ")",
+        f"- steps: {r['steps']} (effective batch {r['effective_batch']})",
+    ]
+    for p in r["problems"]:
+        lines.append(f"- **PROBLEM:** {p}")
+    for i, text in enumerate(r["examples_rendered"], 1):
+        lines += ["", f"## Example {i} (loss on {LOSS_OPEN}...{LOSS_CLOSE})", "", "```", text, "```"]
+    return "\n".join(lines) + "\n"
+
+
+def check(prep: Prepared, force: bool) -> None:
+    """Refuse to train on data that cannot teach anything, unless forced."""
+    if prep.problems and not force:
+        raise UserError("preflight: " + "; ".join(prep.problems) + ". Pass --force to train anyway.")
+    for p in prep.problems:
+        log.warning("preflight (forced): %s", p)
+
+
+def run(cfg: RunCfg) -> tuple[dict[str, Any], str]:
+    """`lorapipe preflight`: the report and its Markdown summary (nothing is trained)."""
+    prep = prepare(cfg)
+    return prep.report, summary(prep.report)
