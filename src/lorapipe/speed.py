@@ -232,10 +232,10 @@ def estimate_memory(config, setting: Setting, tokens_per_micro: int, *, quantize
 
 def micro_tokens(lengths: list[int], micro: int, padding_free: bool) -> int:
     """Tokens in a typical large micro-batch of `micro` examples drawn at random: padded to its longest example
-    (about the 1 - 1/(micro+1) quantile of lengths), or, padding-free, the sum of lengths (mean + 10 %)."""
+    (about the 1 - 1/(micro+1) quantile of lengths), or, padding-free, micro x the mean length)."""
     xs = sorted(lengths)
     if padding_free:
-        return int(micro * sum(xs) / len(xs) * 1.1)
+        return int(micro * sum(xs) / len(xs))
     q = xs[min(len(xs) - 1, int(len(xs) * (1 - 1 / (micro + 1))))]
     return q * micro
 
