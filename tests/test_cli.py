@@ -61,3 +61,15 @@ def test_help_for_every_verb(verb, capsys):
     out = capsys.readouterr().out
     if verb == "train":
         assert "--lora.r" in out and "LoRA rank" in out  # field docs are the help text
+
+
+def test_preflight_verb_writes_report_and_exits_1_on_a_problem(tiny_model, tmp_path, capsys):
+    args = ["preflight", "--model.name_or_path", str(tiny_model), "--data.max_examples", "8", "--name", "pf",
+            "--output_dir", str(tmp_path)]
+    assert main(args + ["--data.max_length", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "# Preflight" in out and "loss on the response" in out and "⟦" in out
+    report = json.loads((tmp_path / "pf.preflight" / "preflight.json").read_text())
+    assert report["examples"] == 8 and report["problems"] == []
+    assert main(args + ["--data.max_length", "16"]) == 1  # every response cut away
+    assert "PROBLEM" in capsys.readouterr().out

@@ -206,3 +206,13 @@ def test_preflight_report_and_refusals(tiny_cfg, chat_model, tmp_path):
     assert chat_tpl == CHATML
     m = json.loads((r2.run_dir / "metrics.json").read_text())
     assert m["data"]["format"] == "messages" and m["eval_loss"] is not None
+    # the served template reproduces the trained ids for chat data too, and later stages prompt the chat way
+    from lorapipe import verify
+    from lorapipe.runs import load_run
+
+    rcfg = load_run(r2.run_dir)
+    assert rcfg.data.format == "messages"
+    rt = verify.template_roundtrip(rcfg, r2.run_dir, str(chat_model), data.load_records(rcfg.data))
+    assert (rt["chat_equal"], rt["completion_equal"], rt["eos_is_a_server_stop"]) == (1.0, 1.0, True)
+    assert data.prompts_for([{"instruction": "hi", "input": ""}], rcfg.data, r2.run_dir / "adapter") == [
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"]

@@ -82,7 +82,9 @@ def test_choose_modes():
 
 
 def test_memory_estimate_tracks_the_h200_measurements():
-    """The estimate against peaks measured on an H200 (BENCHMARKS.md): within 25 % for every recorded setting."""
+    """The estimate against peaks measured on an H200 (BENCHMARKS.md): within 20 % for every recorded setting."""
+    import dataclasses
+
     from transformers import LlamaConfig
 
     from lorapipe.bench import SHAPES, _settings, _synthetic_data
@@ -96,11 +98,13 @@ def test_memory_estimate_tracks_the_h200_measurements():
         config = LlamaConfig(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers,
                              num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab)
         s = _settings()[name]
+        s = dataclasses.replace(s, liger=name != "tutorial")  # the H200 runs had Liger installed
         rows = _synthetic_data(16 * steps, vocab, 0, fixed or 64, fixed or 512)
         tokens = micro_tokens([len(r["input_ids"]) for r in rows], s.micro_batch, s.padding_free)
-        est = estimate_memory(config, s, tokens, quantized=True, dtype_bytes=2, r=16,
+        share = sum(sum(r["completion_mask"]) for r in rows) / sum(len(r["input_ids"]) for r in rows)
+        est = estimate_memory(config, s, tokens, quantized=True, dtype_bytes=2, r=16, loss_share=share,
                               targets=["q_proj", "k_proj", "v_proj", "o_proj"])["total"]
-        assert abs(est / peak - 1) <= 0.25, (shape, name, est, peak)
+        assert abs(est / peak - 1) <= 0.2, (shape, name, est, peak)
 
 
 @pytest.mark.slow
@@ -115,3 +119,6 @@ def test_train_speed_mode_on_cpu(tiny_cfg):
     assert m["layout"]["mode"] == "speed" and m["layout"]["padding_free"] is True
     assert m["layout"]["micro_batch"] == 2 and m["steps"] == 2
     assert (r.run_dir / "adapter" / "adapter_model.safetensors").exists()
+    logged = [json.loads(line) for line in (r.run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < row["rss_gib"] <= row["rss_peak_gib"] for row in logged if "loss" in row)
+    assert m["peak_rss_gib"] > m["rss_before_model_gib"] > 0

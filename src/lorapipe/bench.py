@@ -26,7 +26,8 @@ def eval_speed(run_dir: str | Path, overrides: dict[str, Any] | None = None, lim
     run_dir = Path(run_dir)
     cfg = load_run(run_dir, overrides)
     ts = tasks.humaneval(limit)
-    prompts = [data_mod.render_prompt({"instruction": t.instruction, "input": ""}, cfg.data.template) for t in ts]
+    prompts = data_mod.prompts_for([{"instruction": t.instruction, "input": ""} for t in ts], cfg.data,
+                                   run_dir / "adapter")
     p = serve.plan([run_dir], overrides)
     t0 = time.perf_counter()
     with serve.engine(p) as llm:
@@ -243,7 +244,7 @@ def train_speed(model_dir: Path, setting_name: str, rows: list[dict], steps: int
                       mfu=round(speed.flops_per_token(config, mean_len) * tokens / steps / per_step / 790e12, 4))
         est_tokens = speed.micro_tokens([len(r["input_ids"]) for r in used], s.micro_batch, s.padding_free)
         result["estimate_gib"] = speed.estimate_memory(config, s, est_tokens, quantized=True, dtype_bytes=2, r=16,
-                                                       targets=targets)["total"]
+                                                       targets=targets, loss_share=loss_tokens / tokens)["total"]
     del trainer, model
     if cuda:
         torch.cuda.empty_cache()

@@ -399,6 +399,30 @@ def to_pairs(records: list[dict[str, Any]], fmt: str, template: str, tokenizer=N
     return pairs
 
 
+def prompts_for(records: list[dict[str, str]], cfg: DataCfg, adapter_dir: str | Path | None = None) -> list[str]:
+    """The prompt text a run was trained to answer, for {instruction, input} questions (held-out tasks, HumanEval,
+    compare/generate prompts): the Alpaca template; the chat template saved with the adapter for messages runs
+    (a user turn, then the generation prompt); the question itself for prompt_completion and text runs."""
+    def question(r: dict[str, str]) -> str:
+        return r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else "")
+
+    if cfg.format in ("alpaca", "auto"):
+        return [render_prompt(r, cfg.template) for r in records]
+    if cfg.format != "messages":
+        return [question(r) for r in records]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(adapter_dir)
+    out = []
+    for r in records:
+        text = tok.apply_chat_template([{"role": "user", "content": question(r)}], tokenize=False,
+                                       add_generation_prompt=True)
+        if tok.bos_token and adds_bos(tok) and text.startswith(tok.bos_token):
+            text = text[len(tok.bos_token):]  # the tokenizer adds it again
+        out.append(text)
+    return out
+
+
 def to_prompt_completion(records: list[dict[str, str]], template: str) -> list[dict[str, str]]:
     return [{"prompt": render_prompt(r, template), "completion": r["output"]} for r in records]
 

@@ -48,12 +48,15 @@ def layout(cfg: RunCfg, base: str, rows: list[dict], dtype: torch.dtype) -> tupl
 
     config = AutoConfig.from_pretrained(base, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
     lengths = [len(r["input_ids"]) for r in rows]
+    share = (sum(sum(r["completion_mask"]) for r in rows) / max(1, sum(lengths))) if cfg.data.completion_only_loss \
+        else 1.0
     targets = list(speed.LORA_NAMES) if cfg.lora.target_modules == "all-linear" else cfg.lora.target_modules
 
     def estimate(s: speed.Setting) -> dict[str, float]:
         return speed.estimate_memory(config, s, speed.micro_tokens(lengths, s.micro_batch, s.padding_free),
                                      quantized=cfg.quant.load_in_4bit, dtype_bytes=torch.finfo(dtype).bits // 8,
-                                     r=cfg.lora.r, targets=targets, lora_dropout=cfg.lora.dropout > 0)
+                                     r=cfg.lora.r, targets=targets, lora_dropout=cfg.lora.dropout > 0,
+                                     cpu=not torch.cuda.is_available(), loss_share=share)
 
     cuda = torch.cuda.is_available()
     free = torch.cuda.mem_get_info()[0] / 2**30 if cuda else None

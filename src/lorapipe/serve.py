@@ -254,7 +254,7 @@ def generate(run_dir: str | Path, prompts_path: str, overrides: dict[str, Any] |
     p = plan([run_dir], overrides)
     cfg = p.adapters[0].cfg
     prompts = data_mod.load_prompts(prompts_path)
-    texts = [data_mod.render_prompt(r, cfg.data.template) for r in prompts]
+    texts = data_mod.prompts_for(prompts, cfg.data, run_dir / "adapter")
     with engine(p) as llm:
         outs = complete(llm, texts, sampling(cfg.eval.max_tokens, cfg.eval.temperature), lora_request(p, p.adapters[0]))
     records = [{"instruction": r["instruction"], "input": r["input"], **o} for r, o in zip(prompts, outs)]

@@ -193,8 +193,14 @@ def lora_params(s: dict, r: int, targets: list[str]) -> int:
     return s["layers"] * sum(r * (dims[t][0] + dims[t][1]) for t in targets if t in dims)
 
 
+# On CPU the allocators keep freed memory resident, so the process's peak resident set exceeds the live peak of
+# activations and logits: 1.45x, measured with a forward/backward probe of SmolLM2-135M (BENCHMARKS.md).
+CPU_RESIDENT_FACTOR = 1.45
+
+
 def estimate_memory(config, setting: Setting, tokens_per_micro: int, *, quantized: bool, dtype_bytes: int,
-                    r: int, targets: list[str], lora_dropout: bool = True) -> dict[str, float]:
+                    r: int, targets: list[str], lora_dropout: bool = True, cpu: bool = False,
+                    loss_share: float = 1.0) -> dict[str, float]:
     """Peak bytes of a LoRA/QLoRA step, by part. `tokens_per_micro`: tokens in the largest micro-batch (padded
     length x batch without padding-free; the sum of lengths with it).
 
@@ -214,13 +220,20 @@ def estimate_memory(config, setting: Setting, tokens_per_micro: int, *, quantize
     lora = lp * (4 + 4 + optim_bytes)  # fp32 weights + grads + optimizer states (TRL keeps LoRA fp32 unless QLoRA)
     n_lora_in = len([t for t in targets if t in LORA_NAMES])
     q, kv = s["heads"] * s["head_dim"], s["kv"] * s["head_dim"]
-    per_token_layer = wbytes * (3 * h + 2 * q + 2 * kv + (2 if setting.liger else 3) * inter)
+    # k-bit prep upcasts the embeddings, so the residual stream (and what the frozen layers return) is fp32
+    abytes = 4 if setting.kbit_prep else wbytes
+    # transformers' RMSNorm keeps fp32 copies (input, squared, normalized: ~3 per norm, 2 norms); Liger's keeps the
+    # input only
+    norms = 2 * abytes * h if setting.liger else 24 * h
+    per_token_layer = norms + wbytes * (2 * q + 2 * kv) + (2 if setting.liger else 3) * inter * abytes
     if lora_dropout:
-        per_token_layer += n_lora_in * (wbytes * h + h)  # dropout output + mask
-    act_per_token = (wbytes * h * layers + per_token_layer) if setting.checkpointing else per_token_layer * layers
+        per_token_layer += n_lora_in * (abytes * h + h)  # dropout output + mask
+    act_per_token = (abytes * h * layers + per_token_layer) if setting.checkpointing else per_token_layer * layers
     activations = act_per_token * tokens_per_micro
-    # TRL's fused LM head computes the loss in chunks of up to 32k tokens: one fp32 chunk of logits at a time
-    logits = min(tokens_per_micro, 32768) * vocab * 4
+    # TRL's fused LM head projects only the loss-bearing positions, in chunks of up to 32k: one fp32 chunk of logits
+    logits = min(int(tokens_per_micro * loss_share), 32768) * vocab * 4
+    if cpu:
+        activations, logits = activations * CPU_RESIDENT_FACTOR, logits * CPU_RESIDENT_FACTOR
     parts = {"weights": weights, "dequant_cache": cached, "lora_and_optimizer": lora, "activations": activations,
              "logits": logits}
     # one dequantized weight matrix in flight, plus allocator slack
@@ -231,13 +244,12 @@ def estimate_memory(config, setting: Setting, tokens_per_micro: int, *, quantize
 
 
 def micro_tokens(lengths: list[int], micro: int, padding_free: bool) -> int:
-    """Tokens in a typical large micro-batch of `micro` examples drawn at random: padded to its longest example
-    (about the 1 - 1/(micro+1) quantile of lengths), or, padding-free, micro x the mean length)."""
-    xs = sorted(lengths)
+    """Tokens in the largest micro-batch of a run (over an epoch, the one holding the longest example): padded to the
+    longest example, or, padding-free, the longest example plus `micro - 1` of mean length."""
+    longest = max(lengths)
     if padding_free:
-        return int(micro * sum(xs) / len(xs))
-    q = xs[min(len(xs) - 1, int(len(xs) * (1 - 1 / (micro + 1))))]
-    return q * micro
+        return int(longest + (micro - 1) * sum(lengths) / len(lengths))
+    return longest * micro
 
 
 def choose(mode: str, *, batch: int, accum: int, checkpointing: bool, optim: str, quantized: bool,

@@ -37,15 +37,17 @@ class TrainResult:
 
 
 class _JsonlLogger(TrainerCallback):
-    """Appends every logged step to logs/metrics.jsonl (read by reports and plots)."""
+    """Appends every logged step to logs/metrics.jsonl (read by reports and plots), with the memory in use."""
 
     def __init__(self, path: Path):
         self.path = path
 
     def on_log(self, args, state, control, logs=None, **kw):
         if logs:
+            mem = ({"gpu_peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)} if torch.cuda.is_available()
+                   else {"rss_gib": round(_current_rss_gib(), 3), "rss_peak_gib": round(_rss_gib(), 3)})
             with self.path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+                f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs, **mem}) + "\n")
 
 
 def _target_modules(model, targets: list[str] | str) -> list[str]:
@@ -68,6 +70,29 @@ def _lora_config(cfg: RunCfg, model):
     return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=_target_modules(model, cfg.lora.target_modules), bias=cfg.lora.bias,
                       task_type="CAUSAL_LM")
+
+
+class _ReleaseCpuMemory(TrainerCallback):
+    """On CPU, hand freed memory back to the OS after every step.
+
+    glibc raises its mmap threshold after large frees, so activation buffers of one step end up on the heap and stay
+    resident; over a run the resident set creeps up by the size of the largest batches (measured: +1.1 GiB over 30
+    steps of batch 2 on SmolLM2). A fixed threshold keeps large buffers mmapped (freed for real), and malloc_trim
+    returns the heap's free top.
+    """
+
+    def __init__(self):
+        import ctypes
+        import ctypes.util
+
+        name = ctypes.util.find_library("c")
+        self.libc = ctypes.CDLL(name) if name else None
+        if self.libc is not None and hasattr(self.libc, "mallopt"):
+            self.libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: 1 MiB, fixed
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.libc is not None and hasattr(self.libc, "malloc_trim"):
+            self.libc.malloc_trim(0)
 
 
 def _rss_gib() -> float:
@@ -96,6 +121,7 @@ def run(cfg: RunCfg, overwrite: bool = False, force: bool = False) -> TrainResul
     prep = preflight.prepare(cfg)
     log.info("preflight:\n%s", preflight.summary(prep.report))
     preflight.check(prep, force)
+    cfg.data.format = prep.format  # the resolved format: later stages render prompts the same way
     if prep.report["truncated"]:
         log.warning("%d of %d examples are longer than data.max_length=%d and are truncated (%d lose their whole "
                     "response and are dropped)", prep.report["truncated"], prep.report["examples"],
@@ -162,7 +188,8 @@ def run(cfg: RunCfg, overwrite: bool = False, force: bool = False) -> TrainResul
         )
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                              eval_dataset=Dataset.from_list(prep.val_rows) if prep.val_rows else None,
-                             processing_class=tokenizer, callbacks=[_JsonlLogger(tmp / "logs" / "metrics.jsonl")])
+                             processing_class=tokenizer, callbacks=[_JsonlLogger(tmp / "logs" / "metrics.jsonl")]
+                             + ([_ReleaseCpuMemory()] if not torch.cuda.is_available() else []))
         start = time.perf_counter()
         out = trainer.train()
         runtime = time.perf_counter() - start

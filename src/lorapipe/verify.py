@@ -91,7 +91,7 @@ def agreement(ref: list[list[int]], other: list[list[int]]) -> dict[str, Any]:
             "first_divergence": firsts, "mean_first_divergence": sum(div) / len(div) if div else None}
 
 
-def template_roundtrip(cfg: RunCfg, run_dir: Path, base: str, records: list[dict[str, str]]) -> dict[str, Any]:
+def template_roundtrip(cfg: RunCfg, run_dir: Path, base: str, records: list[dict[str, Any]]) -> dict[str, Any]:
     """Trainer ids (as TRL tokenizes prompt + completion + EOS) vs the ids a server builds for the same example.
 
     The server side is the base's tokenizer (what vLLM loads) with the chat template the server is given (the one
@@ -112,23 +112,32 @@ def template_roundtrip(cfg: RunCfg, run_dir: Path, base: str, records: list[dict
     stop_ids.add(server_tok.eos_token_id)
     chat_equal = completion_equal = 0
     mismatches = []
-    for r in records:
-        prompt = data_mod.render_prompt(r, cfg.data.template)
-        trained = trainer_tok(prompt + r["output"])["input_ids"] + [trainer_tok.eos_token_id]
-        trained_prompt = trainer_tok(prompt)["input_ids"]
-        raw = server_tok(prompt)["input_ids"]
+    fmt = cfg.data.format if cfg.data.format != "auto" else "alpaca"
+    pairs = data_mod.to_pairs(records, fmt, cfg.data.template, trainer_tok)
+    rows, _ = data_mod.tokenize(trainer_tok, pairs, None, special=fmt != "messages")
+    for r, pair, row in zip(records, pairs, rows):
+        trained = row["input_ids"]
+        trained_prompt = [t for t, m in zip(trained, row["completion_mask"]) if not m]
+        raw = server_tok(pair["prompt"], add_special_tokens=fmt != "messages")["input_ids"]
         completion_equal += raw == trained_prompt
-        if r["input"]:  # a chat request cannot carry the Input section; the completions endpoint can
+        if fmt == "alpaca" and r["input"]:  # a chat request cannot carry the Input section; completions can
             chat_equal += raw == trained_prompt
             continue
-        msgs = [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]
+        if fmt == "messages":
+            msgs = r["messages"]
+        elif fmt == "alpaca":
+            msgs = [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]
+        else:
+            msgs = [{"role": "user", "content": pair["prompt"]}, {"role": "assistant", "content": pair["completion"]}]
         text = server_tok.apply_chat_template(msgs, chat_template=template, tokenize=False)
         served = server_tok(text, add_special_tokens=False)["input_ids"]
+        if fmt == "messages":  # a template may write a newline after the end-of-turn token: never generated
+            served = served[:len(trained)]
         if served == trained:
             chat_equal += 1
         elif len(mismatches) < 3:
             k = next((i for i, (x, y) in enumerate(zip(trained, served)) if x != y), min(len(trained), len(served)))
-            mismatches.append({"instruction": r["instruction"][:80], "first_difference": k,
+            mismatches.append({"example": str(r)[:80], "first_difference": k,
                                "trainer": server_tok.decode(trained[max(0, k - 5):k + 10]),
                                "server": server_tok.decode(served[max(0, k - 5):k + 10])})
     n = len(records)
@@ -189,7 +198,7 @@ def run(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> VerifyR
     tok = AutoTokenizer.from_pretrained(run_dir / "adapter")
     eos = {tok.eos_token_id}
     prompts = verify_prompts(v.num_prompts)
-    texts = [data_mod.render_prompt(r, cfg.data.template) for r in prompts]
+    texts = data_mod.prompts_for(prompts, cfg.data, run_dir / "adapter")
     report["prompts"] = len(texts)
     fp32 = torch.float32
 

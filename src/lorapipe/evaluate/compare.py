@@ -50,7 +50,7 @@ def compare(run_dir: str | Path, prompts_path: str | None = None,
     p = serve.plan([run_dir], overrides)
     cfg = p.adapters[0].cfg
     prompts = data_mod.load_prompts(prompts_path or cfg.eval.prompts, cfg.eval.num_prompts)
-    texts = [data_mod.render_prompt(r, cfg.data.template) for r in prompts]
+    texts = data_mod.prompts_for(prompts, cfg.data, run_dir / "adapter")
     params = serve.sampling(cfg.eval.max_tokens, cfg.eval.temperature)
     with serve.engine(p) as llm:
         base = serve.complete(llm, texts, params)

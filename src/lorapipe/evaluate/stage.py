@@ -126,10 +126,11 @@ def heldout_loss(run_dir: Path, cfg: RunCfg) -> dict[str, dict[str, float]]:
                                       run_dir / "adapter").eval()
     recs = [json.loads(line) for line in data_mod.HELDOUT.read_text().splitlines()]
 
+    texts = data_mod.prompts_for(recs, cfg.data, run_dir / "adapter")
+
     def nll() -> float:
         total, count = 0.0, 0
-        for r in recs:
-            prompt = data_mod.render_prompt(r, cfg.data.template)
+        for r, prompt in zip(recs, texts):
             p_ids = tok(prompt)["input_ids"]
             ids = tok(prompt + r["canonical_solution"])["input_ids"] + [tok.eos_token_id]
             x = torch.tensor([ids], device=model.device)
@@ -178,8 +179,8 @@ def run(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> EvalRes
     sets = task_sets(cfg)
     p = serve.plan([run_dir], overrides)
     all_tasks = [t for ts in sets.values() for t in ts]
-    prompts = [data_mod.render_prompt({"instruction": t.instruction, "input": t.input}, cfg.data.template)
-               for t in all_tasks]
+    prompts = data_mod.prompts_for([{"instruction": t.instruction, "input": t.input} for t in all_tasks], cfg.data,
+                                   run_dir / "adapter")
     t0 = time.perf_counter()
     try:
         import vllm  # noqa: F401
