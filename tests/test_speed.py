@@ -122,3 +122,23 @@ def test_train_speed_mode_on_cpu(tiny_cfg):
     logged = [json.loads(line) for line in (r.run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert all(0 < row["rss_gib"] <= row["rss_peak_gib"] for row in logged if "loss" in row)
     assert m["peak_rss_gib"] > m["rss_before_model_gib"] > 0
+
+
+def test_bucketed_padding_free_batch_matches_padded_batch(tiny_model):
+    """The static-shape batch for CUDA graphs: padded to a bucket, fixed boundary count, same logits, no loss on pad."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from lorapipe import speed
+
+    torch.manual_seed(0)
+    seqs = [torch.randint(3, 600, (n,)).tolist() for n in (7, 13, 4)]
+    batch = speed.BucketCollator(0, segments=4, bucket=16)([{"input_ids": s} for s in seqs])
+    assert batch["input_ids"].shape == (1, 32) and batch["cu_seq_lens_q"].tolist() == [0, 7, 20, 24, 32, 32]
+    assert (batch["labels"][0, 24:] == -100).all() and batch["labels"][0, [0, 7, 20]].tolist() == [-100] * 3
+    padded = DataCollatorForLanguageModeling(pad_token_id=0)([{"input_ids": s} for s in seqs])
+    ref = _lm(tiny_model)(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
+    out = _lm(tiny_model, speed.register_varlen())(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
+    start = 0
+    for i, s in enumerate(seqs):
+        torch.testing.assert_close(out[start:start + len(s)], ref[i, :len(s)], atol=1e-5, rtol=1e-5)
+        start += len(s)

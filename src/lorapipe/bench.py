@@ -128,12 +128,15 @@ def _settings() -> dict:
         "speed-noliger": Setting("speed-noliger", 16, 1, False, False, True, True, False, "adamw_torch_fused"),
         # torch.compile of each layer instead of Liger (dynamo cannot trace Liger's autograd functions)
         "speed+compile": Setting("speed+compile", 16, 1, False, False, True, True, False, "adamw_torch_fused", True),
+        # + CUDA graphs: static bucketed padding-free shapes, layers compiled with mode="reduce-overhead"
+        "speed+graphs": Setting("speed+graphs", 16, 1, False, False, True, True, False, "adamw_torch_fused", True),
         # lorapipe's memory mode at the tutorial's micro-batch
         "memory": Setting("memory", 4, 4, True, False, True, False, liger, "paged_adamw_8bit"),
     }
 
 
-SETTINGS = ["tutorial", "flags", "flags+liger", "speed", "speed-nocache", "speed-noliger", "speed+compile", "memory"]
+SETTINGS = ["tutorial", "flags", "flags+liger", "speed", "speed-nocache", "speed-noliger", "speed+compile",
+            "speed+graphs", "memory"]
 
 
 def train_speed(model_dir: Path, setting_name: str, rows: list[dict], steps: int, workdir: Path, seed: int = 0,
@@ -166,14 +169,17 @@ def train_speed(model_dir: Path, setting_name: str, rows: list[dict], steps: int
                                              target_modules=targets))
     if s.cache_dequant:
         speed.cache_dequantized(model, dtype)
+    graphs = setting_name == "speed+graphs"
     if s.compile:
-        speed.compile_layers(model)
+        speed.compile_layers(model, graphs=graphs and cuda)
     times: list[float] = []
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
             if cuda:
                 torch.cuda.synchronize()
+            if s.compile and cuda and setting_name == "speed+graphs":
+                torch.compiler.cudagraph_mark_step_begin()  # a new step: earlier graphs' outputs may be reused
             self.t = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
@@ -204,13 +210,16 @@ def train_speed(model_dir: Path, setting_name: str, rows: list[dict], steps: int
                      gradient_checkpointing_kwargs={"use_reentrant": False}, logging_steps=1, report_to="none",
                      save_strategy="no", seed=seed, data_seed=seed,
                      max_length=None if s.padding_free else max(len(r["input_ids"]) for r in rows),
-                     padding_free=s.padding_free, completion_only_loss=True, use_liger_kernel=s.liger,
+                     remove_unused_columns=not graphs,
+                     padding_free=s.padding_free and not graphs, completion_only_loss=True, use_liger_kernel=s.liger,
                      dataloader_pin_memory=cuda, disable_tqdm=True, warmup_steps=0, lr_scheduler_type="constant",
                      max_grad_norm=0.3)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    collator = speed.BucketCollator(tok.pad_token_id, s.micro_batch) if graphs else None
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), callbacks=callbacks,
-                         processing_class=AutoTokenizer.from_pretrained(model_dir))
+                         processing_class=tok, data_collator=collator)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     raw = {}
@@ -237,6 +246,8 @@ def train_speed(model_dir: Path, setting_name: str, rows: list[dict], steps: int
     result = {"shape": label, "setting": setting_name, "steps": steps, "micro_batch": f"{s.micro_batch}x{s.accum}",
               "s_per_step": round(per_step, 3), "tokens_per_s": round(tokens / steps / per_step, 1),
               "loss_tokens_per_s": round(loss_tokens / steps / per_step, 1), **raw,
+              "median_tokens_per_s": round(tokens / steps / sorted(warm)[len(warm) // 2], 1),
+              "step_s": [round(t, 3) for t in times],
               "losses": [round(x, 4) for x in losses]}
     if cuda:
         result.update(peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
@@ -302,10 +313,12 @@ def parity_bench(settings: list[str], steps: int, workdir: Path) -> list[dict]:
 
 
 def _ratios(results: list[dict]) -> None:
-    base = {r["shape"]: r["tokens_per_s"] for r in results if r["setting"] == "tutorial"}
+    base = {r["shape"]: r for r in results if r["setting"] == "tutorial"}
     for r in results:
         if r["shape"] in base:
-            r["speedup"] = round(r["tokens_per_s"] / base[r["shape"]], 2)
+            r["speedup"] = round(r["tokens_per_s"] / base[r["shape"]]["tokens_per_s"], 2)
+            # steady state: the median step (CUDA graphs record once per new shape bucket, then replay)
+            r["median_speedup"] = round(r["median_tokens_per_s"] / base[r["shape"]]["median_tokens_per_s"], 2)
 
 
 def print_rows(title: str, rows: list[dict]) -> None:

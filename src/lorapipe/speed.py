@@ -135,13 +135,48 @@ def cache_dequantized(model, dtype: torch.dtype) -> int:
     return added
 
 
-def compile_layers(model) -> int:
-    """torch.compile each decoder layer (dynamic shapes: a padding-free batch changes length every step)."""
+def compile_layers(model, graphs: bool = False) -> int:
+    """torch.compile each decoder layer: with dynamic shapes (a padding-free batch changes length every step), or,
+    with `graphs`, static bucketed shapes captured as CUDA graphs (see BucketCollator)."""
+    import torch._dynamo
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = base.model.layers
+    if graphs:
+        torch._dynamo.config.recompile_limit = 64
     for layer in layers:
-        layer.compile(dynamic=True)
+        layer.compile(dynamic=not graphs, mode="reduce-overhead" if graphs else None)
     return len(layers)
+
+
+class BucketCollator:
+    """Padding-free batches with static shapes, for CUDA graphs: the flat row is padded to a multiple of `bucket`
+    tokens, the padding forms one extra segment that carries no loss, the boundary list always has `segments + 2`
+    entries (empty segments at the end), and max_length is fixed. A handful of buckets cover every batch."""
+
+    def __init__(self, pad_token_id: int, segments: int, bucket: int = 1024):
+        self.pad, self.segments, self.bucket = pad_token_id, segments, bucket
+
+    def __call__(self, examples: list[dict]) -> dict:
+        ids, labels, pos, cu = [], [], [], [0]
+        for ex in examples:
+            x = list(ex["input_ids"])
+            lab = list(ex.get("labels", x))
+            lab[0] = -100  # never predicted from the previous example
+            ids += x
+            labels += lab
+            pos += list(range(len(x)))
+            cu.append(cu[-1] + len(x))
+        total = -(-len(ids) // self.bucket) * self.bucket
+        extra = total - len(ids)
+        ids += [self.pad] * extra
+        labels += [-100] * extra
+        pos += list(range(extra))
+        cu += [total] * (self.segments + 2 - len(cu))
+        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+                "position_ids": torch.tensor([pos]), "cu_seq_lens_q": torch.tensor(cu, dtype=torch.int32),
+                "cu_seq_lens_k": torch.tensor(cu, dtype=torch.int32), "max_length_q": self.bucket,
+                "max_length_k": self.bucket}
 
 
 def liger_available() -> bool:
