@@ -74,6 +74,9 @@ def test_choose_modes():
     mem = choose("auto", cuda=True, fits=lambda s: s.checkpointing, **kw)
     assert (mem.mode, mem.micro_batch, mem.accum, mem.checkpointing, mem.optim) == \
         ("memory", 4, 4, True, "paged_adamw_8bit")
+    # auto keeps speed mode when a smaller micro-batch of it fits
+    smaller = choose("auto", cuda=True, fits=lambda s: s.checkpointing or s.micro_batch <= 8, **kw)
+    assert (smaller.mode, smaller.micro_batch, smaller.accum) == ("speed", 8, 2)
     # speed picks the largest micro-batch that fits and keeps the effective batch
     part = choose("speed", cuda=True, fits=lambda s: s.micro_batch <= 5, **kw)
     assert (part.micro_batch, part.accum) == (4, 4)
@@ -87,7 +90,7 @@ def test_memory_estimate_tracks_the_h200_measurements():
 
     from transformers import LlamaConfig
 
-    from lorapipe.bench import SHAPES, _settings, _synthetic_data
+    from lorapipe.bench import SHAPES, _synthetic_data, settings
     from lorapipe.speed import estimate_memory, micro_tokens
 
     measured = [("tinyllama-1.1b", "tutorial", 12, None, 1.80), ("tinyllama-1.1b", "speed", 12, None, 10.41),
@@ -97,7 +100,7 @@ def test_memory_estimate_tracks_the_h200_measurements():
         h, inter, layers, heads, kv, vocab = SHAPES[shape]
         config = LlamaConfig(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers,
                              num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab)
-        s = _settings()[name]
+        s = settings()[name]
         s = dataclasses.replace(s, liger=name != "tutorial")  # the H200 runs had Liger installed
         rows = _synthetic_data(16 * steps, vocab, 0, fixed or 64, fixed or 512)
         tokens = micro_tokens([len(r["input_ids"]) for r in rows], s.micro_batch, s.padding_free)

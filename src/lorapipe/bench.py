@@ -112,7 +112,7 @@ def _synthetic_data(n: int, vocab: int, seed: int, lo: int = 64, hi: int = 512) 
     return rows
 
 
-def _settings() -> dict:
+def settings() -> dict:
     from lorapipe.speed import Setting, liger_available
 
     liger = liger_available()
@@ -127,16 +127,14 @@ def _settings() -> dict:
         "speed-nocache": Setting("speed-nocache", 16, 1, False, False, True, False, liger, "adamw_torch_fused"),
         "speed-noliger": Setting("speed-noliger", 16, 1, False, False, True, True, False, "adamw_torch_fused"),
         # torch.compile of each layer instead of Liger (dynamo cannot trace Liger's autograd functions)
-        "speed+compile": Setting("speed+compile", 16, 1, False, False, True, True, False, "adamw_torch_fused", True),
+        "speed+compile": Setting("speed+compile", 16, 1, False, False, True, True, False, "adamw_torch_fused",
+                                 "layers"),
         # + CUDA graphs: static bucketed padding-free shapes, layers compiled with mode="reduce-overhead"
-        "speed+graphs": Setting("speed+graphs", 16, 1, False, False, True, True, False, "adamw_torch_fused", True),
+        "speed+graphs": Setting("speed+graphs", 16, 1, False, False, True, True, False, "adamw_torch_fused",
+                                "graphs"),
         # lorapipe's memory mode at the tutorial's micro-batch
         "memory": Setting("memory", 4, 4, True, False, True, False, liger, "paged_adamw_8bit"),
     }
-
-
-SETTINGS = ["tutorial", "flags", "flags+liger", "speed", "speed-nocache", "speed-noliger", "speed+compile",
-            "speed+graphs", "memory"]
 
 
 def train_speed(model_dir: Path, setting_name: str, rows: list[dict], steps: int, workdir: Path, seed: int = 0,
@@ -153,7 +151,7 @@ def train_speed(model_dir: Path, setting_name: str, rows: list[dict], steps: int
     from lorapipe.config import QuantCfg
     from lorapipe.models import quantization_config
 
-    s = _settings()[setting_name]
+    s = settings()[setting_name]
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32
     attn = speed.register_varlen() if s.padding_free else "sdpa"
@@ -169,16 +167,16 @@ def train_speed(model_dir: Path, setting_name: str, rows: list[dict], steps: int
                                              target_modules=targets))
     if s.cache_dequant:
         speed.cache_dequantized(model, dtype)
-    graphs = setting_name == "speed+graphs"
+    graphs = s.compile == "graphs" and cuda
     if s.compile:
-        speed.compile_layers(model, graphs=graphs and cuda)
+        speed.compile_layers(model, graphs=graphs)
     times: list[float] = []
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
             if cuda:
                 torch.cuda.synchronize()
-            if s.compile and cuda and setting_name == "speed+graphs":
+            if graphs:
                 torch.compiler.cudagraph_mark_step_begin()  # a new step: earlier graphs' outputs may be reused
             self.t = time.perf_counter()
 

@@ -131,9 +131,10 @@ def cmd_bench(ns: argparse.Namespace) -> None:
         bench.print_table("HumanEval greedy, fine-tuned model (vLLM + sandbox)", row)
         return
     settings = ns.settings.split(",")
-    unknown = [s for s in settings if s not in bench.SETTINGS]
+    known = list(bench.settings())
+    unknown = [s for s in settings if s not in known]
     if unknown:
-        raise UserError(f"--settings: unknown {', '.join(unknown)}; choose from {', '.join(bench.SETTINGS)}")
+        raise UserError(f"--settings: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
     with tempfile.TemporaryDirectory(prefix="lorapipe-bench-") as tmp:
         if ns.workdir:
             tmp = ns.workdir
@@ -225,7 +226,7 @@ VERBS = {
         p.add_argument("--limit", type=int, default=None, help="eval: only the first N tasks"),
         p.add_argument("--shapes", default="tinyllama-1.1b", help="train: model shapes (tinyllama-1.1b,llama3-8b)"),
         p.add_argument("--settings", default="tutorial,speed,memory", help="train/parity: settings to compare "
-                       "(tutorial, flags, flags+liger, speed, speed-nocache, speed-noliger, memory)"),
+                       "(see `lorapipe.bench.settings`: tutorial, speed, memory, flags, ablations)"),
         p.add_argument("--steps", type=int, default=12, help="train/parity: optimizer steps per setting"),
         p.add_argument("--fixed-len", type=int, default=None, help="train: every example this many tokens "
                        "(default: 64-512)"),

@@ -38,8 +38,7 @@ class Prepared:
     val_rows: list[dict]
     setting: speed.Setting
     estimate: dict[str, float]
-    report: dict[str, Any]
-    problems: list[str]
+    report: dict[str, Any]  # report["problems"]: what makes training pointless (train refuses unless forced)
 
 
 def layout(cfg: RunCfg, base: str, rows: list[dict], dtype: torch.dtype) -> tuple[speed.Setting, dict[str, float]]:
@@ -105,14 +104,16 @@ def prepare(cfg: RunCfg) -> Prepared:
     pairs = data_mod.to_pairs(train_recs, loaded.format, cfg.data.template, tokenizer)
     rows, cut = data_mod.tokenize(tokenizer, pairs, cfg.data.max_length, special)
     val_rows: list[dict] = []
+    completion_only = cfg.data.completion_only_loss and loaded.format != "text"
+
+    def carries_loss(r: dict) -> bool:  # TRL drops examples whose response was cut away; so do we, and say so
+        return not completion_only or any(r["completion_mask"])
+
     if val_recs:
         val_pairs = data_mod.to_pairs(val_recs, loaded.format, cfg.data.template, tokenizer)
-        val_rows, _ = data_mod.tokenize(tokenizer, val_pairs, cfg.data.max_length, special)
-    completion_only = cfg.data.completion_only_loss and loaded.format != "text"
-    if completion_only:  # TRL drops examples whose response was cut away entirely; so do we, and we say so
-        keep = [i for i, r in enumerate(rows) if any(r["completion_mask"])]
-    else:
-        keep = list(range(len(rows)))
+        val_rows = [r for r in data_mod.tokenize(tokenizer, val_pairs, cfg.data.max_length, special)[0]
+                    if carries_loss(r)]
+    keep = [i for i, r in enumerate(rows) if carries_loss(r)]
     n = len(rows)
     tokens = sum(len(r["input_ids"]) for r in rows)
     loss_tokens = sum(sum(r["completion_mask"]) if completion_only else len(r["input_ids"]) for r in rows)
@@ -150,7 +151,7 @@ def prepare(cfg: RunCfg) -> Prepared:
                         f"{cfg.data.max_response_lost_share}); raise data.max_length or shorten the prompts")
     report["problems"] = problems
     return Prepared(base, dtype, tokenizer, loaded.format, [rows[i] for i in keep], val_rows, setting, estimate,
-                    report, problems)
+                    report)
 
 
 def summary(report: dict[str, Any]) -> str:
@@ -187,9 +188,10 @@ def summary(report: dict[str, Any]) -> str:
 
 def check(prep: Prepared, force: bool) -> None:
     """Refuse to train on data that cannot teach anything, unless forced."""
-    if prep.problems and not force:
-        raise UserError("preflight: " + "; ".join(prep.problems) + ". Pass --force to train anyway.")
-    for p in prep.problems:
+    problems = prep.report["problems"]
+    if problems and not force:
+        raise UserError("preflight: " + "; ".join(problems) + ". Pass --force to train anyway.")
+    for p in problems:
         log.warning("preflight (forced): %s", p)
 
 

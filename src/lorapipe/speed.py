@@ -7,7 +7,8 @@ Modes (`train.mode`), all at the configured hyper-parameters (effective batch, l
             weights dequantized once and kept (bitsandbytes would dequantize them again in every matmul, forward and
             backward, to the very same bf16 values), Liger kernels where installed, fused AdamW.
 - memory:   the configured micro-batch, padding-free, checkpointing, no k-bit prep (it would upcast the embeddings
-            and output layer to fp32), Liger's fused linear cross-entropy (no logits tensor), paged 8-bit AdamW.
+            and output layer to fp32), Liger kernels where installed, paged 8-bit AdamW; the loss is TRL's chunked
+            fused LM head in every mode.
 - auto:     speed when its estimated peak fits in the GPU's free memory, else memory; the configured flags on CPU.
 
 Every lever is exact: the same examples in the same order, the same masks, the same quantized weights.
@@ -79,8 +80,6 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
             outs.append(torch.nn.functional.scaled_dot_product_attention(
                 qs, ks.repeat_interleave(rep, 0), vs.repeat_interleave(rep, 0), is_causal=True,
                 scale=scaling).transpose(0, 1))
-        if bounds[-1] < q.shape[0]:  # trailing pad from pad_to_multiple_of: attends to itself only, carries no loss
-            outs.append(v[bounds[-1]:].repeat_interleave(rep, 1))
         out = torch.cat(outs, 0)
     return out.unsqueeze(0), None
 
@@ -135,18 +134,16 @@ def cache_dequantized(model, dtype: torch.dtype) -> int:
     return added
 
 
-def compile_layers(model, graphs: bool = False) -> int:
+def compile_layers(model, graphs: bool = False) -> None:
     """torch.compile each decoder layer: with dynamic shapes (a padding-free batch changes length every step), or,
     with `graphs`, static bucketed shapes captured as CUDA graphs (see BucketCollator)."""
     import torch._dynamo
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = base.model.layers
     if graphs:
-        torch._dynamo.config.recompile_limit = 64
-    for layer in layers:
+        torch._dynamo.config.recompile_limit = 64  # one graph per shape bucket
+    for layer in base.model.layers:
         layer.compile(dynamic=not graphs, mode="reduce-overhead" if graphs else None)
-    return len(layers)
 
 
 class BucketCollator:
@@ -200,7 +197,7 @@ class Setting:
     cache_dequant: bool
     liger: bool
     optim: str
-    compile: bool = False
+    compile: str = ""  # "" (eager), "layers" (torch.compile, dynamic shapes) or "graphs" (CUDA graphs over buckets)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -290,13 +287,12 @@ def micro_tokens(lengths: list[int], micro: int, padding_free: bool) -> int:
 def choose(mode: str, *, batch: int, accum: int, checkpointing: bool, optim: str, quantized: bool,
            cuda: bool, fits=None) -> Setting:
     """The run's layout for `mode`. `fits(setting) -> bool` says whether a setting's estimate fits free memory."""
+    kw = dict(batch=batch, accum=accum, checkpointing=checkpointing, optim=optim, quantized=quantized, cuda=cuda)
     if mode == "auto":
         if not cuda:
-            mode = "tutorial"
-        else:
-            mode = "speed" if fits is None or fits(choose("speed", batch=batch, accum=accum,
-                                                            checkpointing=checkpointing, optim=optim,
-                                                            quantized=quantized, cuda=cuda)) else "memory"
+            return choose("tutorial", **kw)
+        fast = choose("speed", fits=fits, **kw)  # with the largest micro-batch that fits
+        return fast if fits is None or fits(fast) else choose("memory", **kw)
     liger = liger_available()
     if mode == "tutorial":
         return Setting("tutorial", batch, accum, checkpointing, quantized, False, False, False, optim)

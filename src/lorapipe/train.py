@@ -45,7 +45,7 @@ class _JsonlLogger(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kw):
         if logs:
             mem = ({"gpu_peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)} if torch.cuda.is_available()
-                   else {"rss_gib": round(_current_rss_gib(), 3), "rss_peak_gib": round(_rss_gib(), 3)})
+                   else {"rss_gib": round(_current_rss_gib(), 3), "rss_peak_gib": round(_peak_rss_gib(), 3)})
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs, **mem}) + "\n")
 
@@ -95,7 +95,7 @@ class _ReleaseCpuMemory(TrainerCallback):
             self.libc.malloc_trim(0)
 
 
-def _rss_gib() -> float:
+def _peak_rss_gib() -> float:
     """Peak resident memory of this process so far (Linux reports KiB)."""
     import resource
 
@@ -214,7 +214,7 @@ def run(cfg: RunCfg, overwrite: bool = False, force: bool = False) -> TrainResul
             "data": {k: prep.report[k] for k in ("format", "examples", "validation_examples", "truncated",
                                                  "response_lost", "loss_token_share", "skipped_bad_rows")},
             "eval_loss": val.get("eval_loss"),
-            "peak_rss_gib": round(_rss_gib(), 3),
+            "peak_rss_gib": round(_peak_rss_gib(), 3),
             "rss_before_model_gib": round(rss_before, 3),
             "layout": setting.as_dict(),
             "memory_estimate_gib": estimate,
