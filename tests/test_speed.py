@@ -91,11 +91,12 @@ def test_memory_estimate_tracks_the_h200_measurements():
     from transformers import LlamaConfig
 
     from lorapipe.bench import SHAPES, _synthetic_data, settings
-    from lorapipe.speed import estimate_memory, micro_tokens
+    from lorapipe.speed import BUCKET, estimate_memory, micro_tokens
 
     measured = [("tinyllama-1.1b", "tutorial", 12, None, 1.80), ("tinyllama-1.1b", "speed", 12, None, 10.41),
                 ("tinyllama-1.1b", "speed-nocache", 12, None, 8.59), ("llama3-8b", "tutorial", 10, None, 9.33),
-                ("llama3-8b", "speed", 10, None, 44.78), ("llama3-8b", "memory", 8, 512, 6.44)]
+                ("llama3-8b", "speed", 10, None, 44.78), ("llama3-8b", "memory", 8, 512, 6.44),
+                ("tinyllama-1.1b", "speed+graphs", 40, None, 12.44), ("tinyllama-1.1b", "speed+mgraphs", 30, None, 11.96)]
     for shape, name, steps, fixed, peak in measured:
         h, inter, layers, heads, kv, vocab = SHAPES[shape]
         config = LlamaConfig(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers,
@@ -103,7 +104,8 @@ def test_memory_estimate_tracks_the_h200_measurements():
         s = settings()[name]
         s = dataclasses.replace(s, liger=name != "tutorial")  # the H200 runs had Liger installed
         rows = _synthetic_data(16 * steps, vocab, 0, fixed or 64, fixed or 512)
-        tokens = micro_tokens([len(r["input_ids"]) for r in rows], s.micro_batch, s.padding_free)
+        tokens = micro_tokens([len(r["input_ids"]) for r in rows], s.micro_batch, s.padding_free,
+                              BUCKET if s.compile else 0)
         share = sum(sum(r["completion_mask"]) for r in rows) / sum(len(r["input_ids"]) for r in rows)
         est = estimate_memory(config, s, tokens, quantized=True, dtype_bytes=2, r=16, loss_share=share,
                               targets=["q_proj", "k_proj", "v_proj", "o_proj"])["total"]
@@ -117,9 +119,9 @@ def test_train_speed_mode_on_cpu(tiny_cfg):
 
     from lorapipe import train
 
-    r = train.run(tiny_cfg(**{"train.mode": "speed"}))
+    r = train.run(tiny_cfg(**{"train.mode": "speed", "train.cuda_graphs": True}))  # no CUDA: graphs ignored
     m = json.loads((r.run_dir / "metrics.json").read_text())
-    assert m["layout"]["mode"] == "speed" and m["layout"]["padding_free"] is True
+    assert m["layout"]["mode"] == "speed" and m["layout"]["padding_free"] is True and m["layout"]["compile"] == ""
     assert m["layout"]["micro_batch"] == 2 and m["steps"] == 2
     assert (r.run_dir / "adapter" / "adapter_model.safetensors").exists()
     logged = [json.loads(line) for line in (r.run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
@@ -145,3 +147,30 @@ def test_bucketed_padding_free_batch_matches_padded_batch(tiny_model):
     for i, s in enumerate(seqs):
         torch.testing.assert_close(out[start:start + len(s)], ref[i, :len(s)], atol=1e-5, rtol=1e-5)
         start += len(s)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (run on the device machine)")
+def test_cuda_graphs_train_matches_eager_speed_mode(tiny_cfg):
+    """train.cuda_graphs: the real `train` with the decoder stack compiled into CUDA graphs over bucketed batches
+    gives the eager speed mode's losses (no dropout, so both see the same computation), evaluates, and saves."""
+    import json
+
+    from lorapipe import train
+
+    runs = {}
+    for graphs in (False, True):
+        cfg = tiny_cfg(**{"name": f"graphs-{graphs}", "train.mode": "speed", "train.cuda_graphs": graphs,
+                          "train.max_steps": 6, "train.per_device_train_batch_size": 4,
+                          "train.gradient_accumulation_steps": 2, "data.max_examples": 64, "data.val_size": 8,
+                          "train.eval_steps": 3, "lora.dropout": 0.0, "train.logging_steps": 1})
+        r = train.run(cfg)
+        m = json.loads((r.run_dir / "metrics.json").read_text())
+        logged = [json.loads(x) for x in (r.run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+        runs[graphs] = (m, [row["loss"] for row in logged if "loss" in row])
+        assert (r.run_dir / "adapter" / "adapter_model.safetensors").exists() and m["eval_loss"] > 0
+    (eager, eager_losses), (graphed, graphed_losses) = runs[False], runs[True]
+    assert graphed["layout"]["compile"] == "model-graphs" and graphed["layout"]["liger"] is False
+    assert len(graphed_losses) == len(eager_losses) == 6
+    assert abs(graphed_losses[0] / eager_losses[0] - 1) < 0.005
+    assert max(abs(a / b - 1) for a, b in zip(graphed_losses, eager_losses)) < 0.02
+    assert abs(graphed["eval_loss"] / eager["eval_loss"] - 1) < 0.02

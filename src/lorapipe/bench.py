@@ -132,6 +132,9 @@ def settings() -> dict:
         # + CUDA graphs: static bucketed padding-free shapes, layers compiled with mode="reduce-overhead"
         "speed+graphs": Setting("speed+graphs", 16, 1, False, False, True, True, False, "adamw_torch_fused",
                                 "graphs"),
+        # + the whole decoder stack as one CUDA graph per bucket: lorapipe's `train.cuda_graphs`
+        "speed+mgraphs": Setting("speed+mgraphs", 16, 1, False, False, True, True, False, "adamw_torch_fused",
+                                 "model-graphs"),
         # lorapipe's memory mode at the tutorial's micro-batch
         "memory": Setting("memory", 4, 4, True, False, True, False, liger, "paged_adamw_8bit"),
     }
@@ -167,17 +170,15 @@ def train_speed(model_dir: Path, setting_name: str, rows: list[dict], steps: int
                                              target_modules=targets))
     if s.cache_dequant:
         speed.cache_dequantized(model, dtype)
-    graphs = s.compile == "graphs" and cuda
-    if s.compile:
-        speed.compile_layers(model, graphs=graphs)
+    graphs = "graphs" in s.compile and cuda
+    if s.compile and (cuda or s.compile == "layers"):
+        speed.compile_model(model, s.compile)
     times: list[float] = []
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
             if cuda:
                 torch.cuda.synchronize()
-            if graphs:
-                torch.compiler.cudagraph_mark_step_begin()  # a new step: earlier graphs' outputs may be reused
             self.t = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
@@ -186,19 +187,27 @@ def train_speed(model_dir: Path, setting_name: str, rows: list[dict], steps: int
             times.append(time.perf_counter() - self.t)
 
     callbacks = [Clock()]
-    if os.environ.get("LORAPIPE_PROFILE") and cuda:  # kernel table of steps 4-5, to find where the time goes
+    # LORAPIPE_PROFILE=N: kernel and CPU tables of steps N+1 and N+2 (N=1 means 3 with "1"), to find where the time
+    # goes; LORAPIPE_TRACE=path.json also writes their Chrome trace
+    prof_at = int(os.environ.get("LORAPIPE_PROFILE") or 0)
+    prof_at = 3 if prof_at == 1 else prof_at
+    if prof_at and cuda:
         from torch.profiler import ProfilerActivity, profile
 
         class Prof(TrainerCallback):
             def on_step_begin(self, args, state, control, **kw):
-                if state.global_step == 3:
+                if state.global_step == prof_at:
                     self.p = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
                     self.p.__enter__()
 
             def on_step_end(self, args, state, control, **kw):
-                if state.global_step == 5:
+                if state.global_step == prof_at + 2:
                     self.p.__exit__(None, None, None)
-                    print(self.p.key_averages().table(sort_by="cuda_time_total", row_limit=30), flush=True)
+                    avg = self.p.key_averages()
+                    print(avg.table(sort_by="cuda_time_total", row_limit=25), flush=True)
+                    print(avg.table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
+                    if os.environ.get("LORAPIPE_TRACE"):
+                        self.p.export_chrome_trace(os.environ["LORAPIPE_TRACE"])
 
         callbacks.append(Prof())
     args = SFTConfig(output_dir=str(workdir), per_device_train_batch_size=s.micro_batch,
@@ -218,10 +227,22 @@ def train_speed(model_dir: Path, setting_name: str, rows: list[dict], steps: int
     collator = speed.BucketCollator(tok.pad_token_id, s.micro_batch) if graphs else None
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), callbacks=callbacks,
                          processing_class=tok, data_collator=collator)
-    trainer.train()
+    if graphs:
+        speed.use_cuda_graphs(trainer)
+    if os.environ.get("LORAPIPE_CPROFILE"):  # Python-side time of the whole run, by function
+        import cProfile
+        import pstats
+
+        with cProfile.Profile() as cp:
+            trainer.train()
+        st = pstats.Stats(cp)
+        st.sort_stats("tottime").print_stats(30)
+        st.sort_stats("cumulative").print_stats(45)
+    else:
+        trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     raw = {}
-    if os.environ.get("LORAPIPE_PROFILE") and cuda:  # forward+backward alone, outside the Trainer
+    if prof_at and cuda and not graphs:  # forward+backward alone, outside the Trainer (eager layouts only)
         batch = {k: v.to(0) if hasattr(v, "to") else v for k, v in trainer.data_collator(
             [{"input_ids": r["input_ids"], "labels": [t if m else -100 for t, m in
                                                       zip(r["input_ids"], r["completion_mask"])]}
@@ -251,7 +272,8 @@ def train_speed(model_dir: Path, setting_name: str, rows: list[dict], steps: int
         result.update(peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                       peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
                       mfu=round(speed.flops_per_token(config, mean_len) * tokens / steps / per_step / 790e12, 4))
-        est_tokens = speed.micro_tokens([len(r["input_ids"]) for r in used], s.micro_batch, s.padding_free)
+        est_tokens = speed.micro_tokens([len(r["input_ids"]) for r in used], s.micro_batch, s.padding_free,
+                                        speed.BUCKET if graphs else 0)
         result["estimate_gib"] = speed.estimate_memory(config, s, est_tokens, quantized=True, dtype_bytes=2, r=16,
                                                        targets=targets, loss_share=loss_tokens / tokens)["total"]
     del trainer, model

@@ -119,6 +119,13 @@ class TrainCfg(_Section):
         "paged 8-bit AdamW (Llama-3-8B QLoRA in 6.4 GiB). auto: speed when it fits the GPU's free memory, else "
         "memory; tutorial on CPU.",
     )
+    cuda_graphs: bool = Field(
+        False,
+        description="speed mode on CUDA: compile the decoder stack into one CUDA graph per batch length (padded to "
+        "a multiple of 1,024 tokens), so that the CPU no longer launches every kernel. Pays on long runs of small "
+        "models, whose steps the CPU bounds (TinyLlama-1.1B on an H200: 0.16 -> 0.08 s/step), at about a minute of "
+        "compilation per length bucket; Liger kernels are off (torch.compile fuses instead).",
+    )
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     per_device_train_batch_size: int = Field(4, gt=0, description="Examples per device per forward pass.")
     gradient_accumulation_steps: int = Field(4, gt=0, description="Forward passes per optimizer step.")

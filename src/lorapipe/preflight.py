@@ -9,6 +9,7 @@ marked, the layout of the step (train.mode) with its estimated peak memory, and 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -52,7 +53,8 @@ def layout(cfg: RunCfg, base: str, rows: list[dict], dtype: torch.dtype) -> tupl
     targets = list(speed.LORA_NAMES) if cfg.lora.target_modules == "all-linear" else cfg.lora.target_modules
 
     def estimate(s: speed.Setting) -> dict[str, float]:
-        return speed.estimate_memory(config, s, speed.micro_tokens(lengths, s.micro_batch, s.padding_free),
+        tokens = speed.micro_tokens(lengths, s.micro_batch, s.padding_free, speed.BUCKET if s.compile else 0)
+        return speed.estimate_memory(config, s, tokens,
                                      quantized=cfg.quant.load_in_4bit, dtype_bytes=torch.finfo(dtype).bits // 8,
                                      r=cfg.lora.r, targets=targets, lora_dropout=cfg.lora.dropout > 0,
                                      cpu=not torch.cuda.is_available(), loss_share=share)
@@ -64,6 +66,11 @@ def layout(cfg: RunCfg, base: str, rows: list[dict], dtype: torch.dtype) -> tupl
     setting = speed.choose(t.mode, batch=t.per_device_train_batch_size, accum=t.gradient_accumulation_steps,
                            checkpointing=t.gradient_checkpointing, optim=optim, quantized=cfg.quant.load_in_4bit,
                            cuda=cuda, fits=(lambda s: estimate(s)["total"] <= 0.9 * free) if cuda else None)
+    if t.cuda_graphs and cuda and setting.mode == "speed":
+        setting = dataclasses.replace(setting, liger=False, compile="model-graphs")
+    elif t.cuda_graphs:
+        log.warning("train.cuda_graphs applies to speed mode on CUDA; this run is %s mode%s: ignored",
+                    setting.mode, "" if cuda else " on CPU")
     est = estimate(setting)
     if free is not None:
         est["gpu_free"] = round(free, 2)

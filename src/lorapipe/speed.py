@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 VARLEN = "lorapipe_varlen"
+BUCKET = 1024  # CUDA graphs: padding-free batches are padded up to a multiple of this many tokens
 LORA_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -134,16 +135,50 @@ def cache_dequantized(model, dtype: torch.dtype) -> int:
     return added
 
 
-def compile_layers(model, graphs: bool = False) -> None:
-    """torch.compile each decoder layer: with dynamic shapes (a padding-free batch changes length every step), or,
-    with `graphs`, static bucketed shapes captured as CUDA graphs (see BucketCollator)."""
+def compile_model(model, kind: str) -> None:
+    """torch.compile for training. `kind`:
+    - "layers": each decoder layer, dynamic shapes (a padding-free batch changes length every step);
+    - "graphs": each decoder layer, static bucketed shapes (see BucketCollator) replayed as CUDA graphs;
+    - "model-graphs": the whole decoder stack as one CUDA graph per bucket (one launch instead of one per layer;
+      compiling it takes about a minute per bucket, recording it half a second).
+    """
     import torch._dynamo
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if graphs:
-        torch._dynamo.config.recompile_limit = 64  # one graph per shape bucket
-    for layer in base.model.layers:
-        layer.compile(dynamic=not graphs, mode="reduce-overhead" if graphs else None)
+    torch._dynamo.config.recompile_limit = 64  # one graph per shape bucket
+    if kind == "layers":
+        for layer in base.model.layers:
+            layer.compile(dynamic=True)
+    elif kind == "graphs":
+        for layer in base.model.layers:
+            layer.compile(dynamic=False, mode="reduce-overhead")
+    elif kind == "model-graphs":
+        base.model.compile(dynamic=False, mode="reduce-overhead")
+    else:
+        raise ValueError(f"unknown compile kind {kind!r}")
+
+
+def use_cuda_graphs(trainer) -> None:
+    """Wire a Trainer whose model was compiled with a graphs kind: every (micro-)step starts a new CUDA-graph
+    generation (the replays of the step before may be overwritten), and evaluation runs eagerly (its no-grad batches
+    would otherwise compile and record a second set of graphs for a handful of batches)."""
+    from transformers import TrainerCallback
+
+    class _MarkStep(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            torch.compiler.cudagraph_mark_step_begin()
+
+        def on_substep_end(self, args, state, control, **kw):
+            torch.compiler.cudagraph_mark_step_begin()
+
+    trainer.add_callback(_MarkStep())
+    evaluate = trainer.evaluate
+
+    def eager_evaluate(*args, **kwargs):
+        with torch.compiler.set_stance("force_eager"):
+            return evaluate(*args, **kwargs)
+
+    trainer.evaluate = eager_evaluate
 
 
 class BucketCollator:
@@ -151,7 +186,7 @@ class BucketCollator:
     tokens, the padding forms one extra segment that carries no loss, the boundary list always has `segments + 2`
     entries (empty segments at the end), and max_length is fixed. A handful of buckets cover every batch."""
 
-    def __init__(self, pad_token_id: int, segments: int, bucket: int = 1024):
+    def __init__(self, pad_token_id: int, segments: int, bucket: int = BUCKET):
         self.pad, self.segments, self.bucket = pad_token_id, segments, bucket
 
     def __call__(self, examples: list[dict]) -> dict:
@@ -197,7 +232,7 @@ class Setting:
     cache_dequant: bool
     liger: bool
     optim: str
-    compile: str = ""  # "" (eager), "layers" (torch.compile, dynamic shapes) or "graphs" (CUDA graphs over buckets)
+    compile: str = ""  # "" (eager) or a `compile_model` kind
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -255,9 +290,10 @@ def estimate_memory(config, setting: Setting, tokens_per_micro: int, *, quantize
     # k-bit prep upcasts the embeddings, so the residual stream (and what the frozen layers return) is fp32
     abytes = 4 if setting.kbit_prep else wbytes
     # transformers' RMSNorm keeps fp32 copies (input, squared, normalized: ~3 per norm, 2 norms); Liger's keeps the
-    # input only
-    norms = 2 * abytes * h if setting.liger else 24 * h
-    per_token_layer = norms + wbytes * (2 * q + 2 * kv) + (2 if setting.liger else 3) * inter * abytes
+    # input only, and so does a compiled layer (inductor recomputes the cheap elementwise ops in backward)
+    fused = setting.liger or bool(setting.compile)
+    norms = 2 * abytes * h if fused else 24 * h
+    per_token_layer = norms + wbytes * (2 * q + 2 * kv) + (2 if fused else 3) * inter * abytes
     if lora_dropout:
         per_token_layer += n_lora_in * (abytes * h + h)  # dropout output + mask
     act_per_token = (abytes * h * layers + per_token_layer) if setting.checkpointing else per_token_layer * layers
@@ -275,12 +311,14 @@ def estimate_memory(config, setting: Setting, tokens_per_micro: int, *, quantize
     return {k: round(v / 2**30, 3) for k, v in parts.items()}
 
 
-def micro_tokens(lengths: list[int], micro: int, padding_free: bool) -> int:
+def micro_tokens(lengths: list[int], micro: int, padding_free: bool, bucket: int = 0) -> int:
     """Tokens in the largest micro-batch of a run (over an epoch, the one holding the longest example): padded to the
-    longest example, or, padding-free, the longest example plus `micro - 1` of mean length."""
+    longest example, or, padding-free, the longest example plus `micro - 1` of mean length, rounded up to a multiple
+    of `bucket` (CUDA graphs)."""
     longest = max(lengths)
     if padding_free:
-        return int(longest + (micro - 1) * sum(lengths) / len(lengths))
+        tokens = int(longest + (micro - 1) * sum(lengths) / len(lengths))
+        return -(-tokens // bucket) * bucket if bucket else tokens
     return longest * micro
 
 

@@ -145,6 +145,9 @@ def run(cfg: RunCfg, overwrite: bool = False, force: bool = False) -> TrainResul
         raise UserError(f"lora.target_modules: {exc}") from None
     if setting.cache_dequant:
         speed.cache_dequantized(model, dtype)
+    graphs = bool(setting.compile)
+    if graphs:
+        speed.compile_model(model, setting.compile)
     trainable, total = model.get_nb_trainable_parameters()
 
     with atomic_dir(run_dir, overwrite=overwrite) as tmp:
@@ -179,7 +182,8 @@ def run(cfg: RunCfg, overwrite: bool = False, force: bool = False) -> TrainResul
             use_cpu=not torch.cuda.is_available(),
             report_to="none",
             max_length=None if setting.padding_free else cfg.data.max_length,  # rows are already cut
-            padding_free=setting.padding_free,
+            padding_free=setting.padding_free and not graphs,  # graphs: lorapipe's bucketed padding-free batches
+            remove_unused_columns=not graphs,
             use_liger_kernel=setting.liger,
             completion_only_loss=cfg.data.completion_only_loss,
             dataset_num_proc=None,
@@ -189,7 +193,11 @@ def run(cfg: RunCfg, overwrite: bool = False, force: bool = False) -> TrainResul
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                              eval_dataset=Dataset.from_list(prep.val_rows) if prep.val_rows else None,
                              processing_class=tokenizer, callbacks=[_JsonlLogger(tmp / "logs" / "metrics.jsonl")]
-                             + ([_ReleaseCpuMemory()] if not torch.cuda.is_available() else []))
+                             + ([_ReleaseCpuMemory()] if not torch.cuda.is_available() else []),
+                             data_collator=speed.BucketCollator(tokenizer.pad_token_id, setting.micro_batch)
+                             if graphs else None)
+        if graphs:
+            speed.use_cuda_graphs(trainer)
         start = time.perf_counter()
         out = trainer.train()
         runtime = time.perf_counter() - start
