@@ -144,7 +144,7 @@ def cmd_bench(ns: argparse.Namespace) -> None:
         else:
             shapes = ["tiny"] if ns.tiny else ns.shapes.split(",")
             rows = bench.train_bench(shapes, settings, 2 if ns.tiny else ns.steps, Path(tmp), ns.fixed_len,
-                                     keep=bool(ns.workdir))
+                                     keep=bool(ns.workdir), sync=not ns.no_sync)
             title = "QLoRA SFT: tutorial recipe vs lorapipe settings (same data, seed, effective batch 16)"
     bench.print_rows(title, rows)
     if ns.json:
@@ -232,6 +232,8 @@ VERBS = {
                        "(default: 64-512)"),
         p.add_argument("--json", default=None, help="also write the rows to this JSON file"),
         p.add_argument("--workdir", default=None, help="train: keep the random models here and reuse them"),
+        p.add_argument("--no-sync", action="store_true", help="train: time steps as a real run sees them (no GPU "
+                       "synchronisation around each step; loss logged every 10 steps)"),
         p.add_argument("--tiny", action="store_true", help="train: a tiny model on CPU (CI: both paths run)"),
         _add_section_flags(p, ["eval", "serve"])), cmd_bench),
     "verify": ("prove what is served is what was trained (PEFT/merged/vLLM agreement, template, stop); exit 1 "
