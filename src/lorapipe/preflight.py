@@ -180,7 +180,8 @@ def summary(report: dict[str, Any]) -> str:
         f"- loss on the {r['loss_on']}: {r['loss_tokens']} of {r['tokens']} tokens ({r['loss_token_share']:.1%}); "
         f"{r['ending_with_eos']} of {r['examples']} examples end with EOS",
         f"- layout (train.mode): {lay['mode']}, micro-batch {lay['micro_batch']} x {lay['accum']}, checkpointing "
-        f"{lay['checkpointing']}, padding-free {lay['padding_free']}, optimizer {lay['optim']}",
+        f"{lay['checkpointing']}, padding-free {lay['padding_free']}, optimizer {lay['optim']}"
+        + (f", compiled: {lay['compile']} (CUDA graphs)" if lay["compile"] else ""),
         f"- estimated peak memory on {r['device']}: {mem['total']:.2f} GiB (weights {mem['weights']:.2f}, "
         f"activations {mem['activations']:.2f}, logits {mem['logits']:.2f}"
         + (f"; GPU free {mem['gpu_free']:.1f}" if "gpu_free" in mem else "") + ")",
