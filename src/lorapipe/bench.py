@@ -172,7 +172,7 @@ def train_speed(model_dir: Path, setting_name: str, rows: list[dict], steps: int
                                              target_modules=targets))
     if s.cache_dequant:
         speed.cache_dequantized(model, dtype)
-    graphs = "graphs" in s.compile and cuda
+    graphs = s.compile in ("graphs", "model-graphs") and cuda
     if s.compile and (cuda or s.compile == "layers"):
         speed.compile_model(model, s.compile)
     times: list[float] = []
@@ -189,10 +189,9 @@ def train_speed(model_dir: Path, setting_name: str, rows: list[dict], steps: int
             times.append(time.perf_counter() - self.t)
 
     callbacks = [Clock()]
-    # LORAPIPE_PROFILE=N: kernel and CPU tables of steps N+1 and N+2 (N=1 means 3 with "1"), to find where the time
-    # goes; LORAPIPE_TRACE=path.json also writes their Chrome trace
+    # LORAPIPE_PROFILE=N: kernel and CPU tables of steps N+1 and N+2, to find where the time goes;
+    # LORAPIPE_TRACE=path.json also writes their Chrome trace
     prof_at = int(os.environ.get("LORAPIPE_PROFILE") or 0)
-    prof_at = 3 if prof_at == 1 else prof_at
     if prof_at and cuda:
         from torch.profiler import ProfilerActivity, profile
 
@@ -216,7 +215,8 @@ def train_speed(model_dir: Path, setting_name: str, rows: list[dict], steps: int
                      gradient_accumulation_steps=s.accum, max_steps=steps, learning_rate=2e-4,
                      optim=s.optim if cuda else "adamw_torch", bf16=cuda, use_cpu=not cuda,
                      gradient_checkpointing=s.checkpointing,
-                     gradient_checkpointing_kwargs={"use_reentrant": False}, logging_steps=1 if sync else 10, report_to="none",
+                     gradient_checkpointing_kwargs={"use_reentrant": False}, logging_steps=1 if sync else 10,
+                     report_to="none",
                      save_strategy="no", seed=seed, data_seed=seed,
                      max_length=None if s.padding_free else max(len(r["input_ids"]) for r in rows),
                      remove_unused_columns=not graphs,
