@@ -100,3 +100,13 @@ def test_samples_must_cover_k(tiny_run):
 
     with pytest.raises(UserError, match="eval.samples"):
         task_sets(load_run(tiny_run, {"eval.samples": 2, "eval.k": 5}))
+
+
+def test_heldout_limit_takes_the_first_tasks(tiny_run):
+    from lorapipe.evaluate import tasks
+    from lorapipe.evaluate.stage import task_sets
+    from lorapipe.runs import load_run
+
+    sets = task_sets(load_run(tiny_run, {"eval.heldout_limit": 3, "eval.humaneval": False}))
+    assert [t.task_id for t in sets["heldout"]] == [t.task_id for t in tasks.heldout()[:3]]
+    assert len(task_sets(load_run(tiny_run, {"eval.humaneval": False}))["heldout"]) == len(tasks.heldout()) > 3

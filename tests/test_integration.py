@@ -78,9 +78,11 @@ def test_compare_through_vllm(smol_run):
 def test_eval_through_vllm(smol_run):
     from lorapipe import evaluate
 
-    r = evaluate.run(smol_run, {"eval.humaneval_limit": 4, "eval.samples": 2, "eval.k": 2, "eval.max_tokens": 64})
+    r = evaluate.run(smol_run, {"eval.humaneval_limit": 4, "eval.heldout_limit": 4, "eval.samples": 2, "eval.k": 2,
+                                "eval.max_tokens": 64})
     m = r.metrics
     assert m["generator"].startswith("vLLM") and m["sets"]["humaneval"]["tasks"] == 4
+    assert m["sets"]["heldout"]["tasks"] == 4
     assert 0.0 <= m["sets"]["heldout"]["finetuned"]["pass@1"] <= 1.0 and "pass@2" in m["sets"]["heldout"]["base"]
     assert (r.out_dir / "report.html").is_file() and (r.out_dir / "metrics.png").is_file()
 

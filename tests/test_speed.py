@@ -166,11 +166,62 @@ def test_cuda_graphs_train_matches_eager_speed_mode(tiny_cfg):
         r = train.run(cfg)
         m = json.loads((r.run_dir / "metrics.json").read_text())
         logged = [json.loads(x) for x in (r.run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
-        runs[graphs] = (m, [row["loss"] for row in logged if "loss" in row])
+        runs[graphs] = (m, [row["loss"] for row in logged if "loss" in row],
+                        [row["entropy"] for row in logged if "loss" in row])
         assert (r.run_dir / "adapter" / "adapter_model.safetensors").exists() and m["eval_loss"] > 0
-    (eager, eager_losses), (graphed, graphed_losses) = runs[False], runs[True]
+    (eager, eager_losses, eager_ent), (graphed, graphed_losses, graphed_ent) = runs[False], runs[True]
     assert graphed["layout"]["compile"] == "model-graphs" and graphed["layout"]["liger"] is False
+    assert graphed["layout"]["async_host"] is True
+    assert graphed["tokens_seen"] == eager["tokens_seen"]  # the bucket padding is not counted
+    assert max(abs(a / b - 1) for a, b in zip(graphed_ent, eager_ent)) < 0.02  # logged lazily, per step
     assert len(graphed_losses) == len(eager_losses) == 6
     assert abs(graphed_losses[0] / eager_losses[0] - 1) < 0.005
     assert max(abs(a / b - 1) for a, b in zip(graphed_losses, eager_losses)) < 0.02
     assert abs(graphed["eval_loss"] / eager["eval_loss"] - 1) < 0.02
+
+
+def _graphs_trainer_run(tiny_model, out, async_host: bool) -> tuple[list[dict], int, int]:
+    """Four steps of the CUDA-graphs trainer class over BucketCollator batches, eagerly (on CUDA, TRL's fused head
+    uses its Triton kernels and gathers the loss positions, which the sync-free step avoids)."""
+    import random
+
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+    from trl import SFTConfig
+
+    from lorapipe import speed
+
+    rng = random.Random(0)
+    rows = []
+    for _ in range(16):
+        n = rng.randint(5, 40)
+        rows.append({"input_ids": [rng.randrange(3, 500) for _ in range(n)],
+                     "completion_mask": [0] * 3 + [1] * (n - 3)})
+    torch.manual_seed(0)
+    model = get_peft_model(_lm(tiny_model, speed.register_varlen()).train(),
+                           LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                                      task_type="CAUSAL_LM"))
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    args = SFTConfig(output_dir=str(out), per_device_train_batch_size=4, max_steps=4, logging_steps=2,
+                     learning_rate=1e-2, use_cpu=not torch.cuda.is_available(), report_to="none", save_strategy="no", seed=0, data_seed=0,
+                     max_length=None, remove_unused_columns=False, completion_only_loss=True, disable_tqdm=True,
+                     include_num_input_tokens_seen=True, **speed.async_args(async_host))
+    trainer = speed.sft_trainer(async_host)(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                                            processing_class=tok,
+                                            data_collator=speed.BucketCollator(tok.pad_token_id, 4, bucket=32))
+    trainer.train()
+    real = sum(len(r["input_ids"]) for r in rows)  # 4 steps x 4 = every row once
+    return [h for h in trainer.state.log_history if "loss" in h], trainer.state.num_input_tokens_seen, real
+
+
+def test_async_host_trainer_matches_trl(tiny_model, tmp_path):
+    """The sync-free training step (every position through the fused head, metrics kept on the device until logged,
+    token counts from the host) logs TRL's own losses, entropy and accuracy, and counts the real tokens only."""
+    ref, ref_tokens, real = _graphs_trainer_run(tiny_model, tmp_path / "trl", async_host=False)
+    fast, fast_tokens, _ = _graphs_trainer_run(tiny_model, tmp_path / "async", async_host=True)
+    assert len(ref) == len(fast) == 2
+    for a, b in zip(fast, ref):
+        for key in ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), key
+    assert fast_tokens == real < ref_tokens  # the Trainer's own count ("all") includes the bucket padding

@@ -6,6 +6,7 @@ bench eval RUN   HumanEval (164 tasks) greedy, fine-tuned model only, through vL
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -132,20 +133,26 @@ def settings() -> dict:
         # + CUDA graphs: static bucketed padding-free shapes, layers compiled with mode="reduce-overhead"
         "speed+graphs": Setting("speed+graphs", 16, 1, False, False, True, True, False, "adamw_torch_fused",
                                 "graphs"),
-        # + the whole decoder stack as one CUDA graph per bucket: lorapipe's `train.cuda_graphs`
+        # + the whole decoder stack as one CUDA graph per bucket, no host-device sync inside a step: lorapipe's
+        # `train.cuda_graphs`; and the same with TRL's and the Trainer's per-step syncs left in
         "speed+mgraphs": Setting("speed+mgraphs", 16, 1, False, False, True, True, False, "adamw_torch_fused",
-                                 "model-graphs"),
+                                 "model-graphs", True),
+        "speed+mgraphs-sync": Setting("speed+mgraphs-sync", 16, 1, False, False, True, True, False,
+                                      "adamw_torch_fused", "model-graphs"),
         # lorapipe's memory mode at the tutorial's micro-batch
         "memory": Setting("memory", 4, 4, True, False, True, False, liger, "paged_adamw_8bit"),
     }
 
 
 def train_speed(model_dir: Path, setting_name: str, rows: list[dict], steps: int, workdir: Path, seed: int = 0,
-                label: str = "", sync: bool = True) -> dict:
+                label: str = "", sync: bool = True, warm: bool = False) -> dict:
     """Run `steps` optimizer steps of QLoRA SFT (NF4 + double quant, LoRA r=16 q/k/v/o, effective batch 16) on
     pre-tokenized `rows` and measure them. `sync`: synchronise the GPU around every step and log every step (exact
     per-step times and losses); without it, steps are timed as a real run sees them (the host may run ahead into the
-    next step while the GPU finishes this one) and the loss is logged every 10 steps."""
+    next step while the GPU finishes this one, so only whole-run figures mean anything) and the loss is logged every
+    10 steps. `warm`: run the steps twice from the same initial adapter, with a fresh trainer and optimizer, and
+    measure the second run: every compiled shape exists by then, as in the long run of a real job (an eager
+    setting warms up for 3 steps only)."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -154,7 +161,7 @@ def train_speed(model_dir: Path, setting_name: str, rows: list[dict], steps: int
 
     from lorapipe import speed
     from lorapipe.config import QuantCfg
-    from lorapipe.models import quantization_config
+    from lorapipe.models import ensure_pad_token, quantization_config
 
     s = settings()[setting_name]
     cuda = torch.cuda.is_available()
@@ -177,16 +184,22 @@ def train_speed(model_dir: Path, setting_name: str, rows: list[dict], steps: int
         speed.compile_model(model, s.compile)
     times: list[float] = []
 
+    span: dict[str, float] = {}  # the whole run, first step's start to last step's end: what a long job sees
+
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            if cuda and sync:
+            if cuda and (sync or state.global_step == 0):
                 torch.cuda.synchronize()
             self.t = time.perf_counter()
+            if state.global_step == 0:
+                span["start"] = self.t
 
         def on_step_end(self, args, state, control, **kw):
             if cuda and (sync or state.global_step == state.max_steps):
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - self.t)
+            if state.global_step == state.max_steps:
+                span["end"] = time.perf_counter()
 
     callbacks = [Clock()]
     # LORAPIPE_PROFILE=N: kernel and CPU tables of steps N+1 and N+2, to find where the time goes;
@@ -222,15 +235,31 @@ def train_speed(model_dir: Path, setting_name: str, rows: list[dict], steps: int
                      remove_unused_columns=not graphs,
                      padding_free=s.padding_free and not graphs, completion_only_loss=True, use_liger_kernel=s.liger,
                      dataloader_pin_memory=cuda, disable_tqdm=True, warmup_steps=0, lr_scheduler_type="constant",
-                     max_grad_norm=0.3)
+                     max_grad_norm=0.3, **speed.async_args(graphs and s.async_host))
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     tok = AutoTokenizer.from_pretrained(model_dir)
+    ensure_pad_token(tok)  # as `train` does: the bucket padding needs a pad id (SmolLM2's GGUF tokenizer has none)
     collator = speed.BucketCollator(tok.pad_token_id, s.micro_batch) if graphs else None
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), callbacks=callbacks,
-                         processing_class=tok, data_collator=collator)
-    if graphs:
-        speed.use_cuda_graphs(trainer)
+    trainer_cls = speed.sft_trainer(s.async_host) if graphs else SFTTrainer
+
+    def new_trainer(model=model, args=args):
+        t = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows), callbacks=callbacks,
+                        processing_class=tok, data_collator=collator)
+        if graphs:
+            speed.use_cuda_graphs(t)
+        return t
+
+    if warm:
+        start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        # nothing to compile in an eager setting: a few steps warm the allocator and the kernels
+        new_trainer(args=args if s.compile else dataclasses.replace(args, max_steps=min(steps, 3))).train()
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(start[n])
+        times.clear()
+    trainer = new_trainer()
     if os.environ.get("LORAPIPE_CPROFILE"):  # Python-side time of the whole run, by function
         import cProfile
         import pstats
@@ -260,15 +289,19 @@ def train_speed(model_dir: Path, setting_name: str, rows: list[dict], steps: int
     used = rows[: 16 * steps] if len(rows) >= 16 * steps else (rows * (16 * steps // len(rows) + 1))[: 16 * steps]
     tokens = sum(len(r["input_ids"]) for r in used)
     loss_tokens = sum(sum(r["completion_mask"][1:]) for r in used)
-    warm = times[2:] or times  # the first steps pay for kernel selection and allocator warm-up
-    per_step = sum(warm) / len(warm)
+    steady = times[2:] or times  # the first steps pay for kernel selection and allocator warm-up
+    per_step = sum(steady) / len(steady)
     config = AutoConfig.from_pretrained(model_dir)
     mean_len = tokens / len(used)
     result = {"shape": label, "setting": setting_name, "steps": steps, "micro_batch": f"{s.micro_batch}x{s.accum}",
               "s_per_step": round(per_step, 3), "tokens_per_s": round(tokens / steps / per_step, 1),
               "loss_tokens_per_s": round(loss_tokens / steps / per_step, 1), **raw,
-              "median_tokens_per_s": round(tokens / steps / sorted(warm)[len(warm) // 2], 1),
+              "median_tokens_per_s": round(tokens / steps / sorted(steady)[len(steady) // 2], 1),
               "step_s": [round(t, 3) for t in times],
+              # steps back to back, with the data loading and logging between them (compilation too unless warm)
+              "run_s": round(span["end"] - span["start"], 3),
+              "run_tokens_per_s": round(tokens / (span["end"] - span["start"]), 1),
+              "warm": warm,
               "losses": [round(x, 4) for x in losses]}
     if cuda:
         result.update(peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
@@ -285,7 +318,7 @@ def train_speed(model_dir: Path, setting_name: str, rows: list[dict], steps: int
 
 
 def train_bench(shapes: list[str], settings: list[str], steps: int, workdir: Path, fixed_len: int | None = None,
-                keep: bool = False, sync: bool = True) -> list[dict]:
+                keep: bool = False, sync: bool = True, warm: bool = False) -> list[dict]:
     """Random-weight models of the named shapes; synthetic examples of 64-512 tokens (or exactly `fixed_len`).
     With `keep`, models are saved in `workdir` once and reused by later calls."""
     import shutil
@@ -299,7 +332,7 @@ def train_bench(shapes: list[str], settings: list[str], steps: int, workdir: Pat
         rows = _synthetic_data(16 * steps, SHAPES[shape][5], 0, lo, hi)
         for setting in settings:
             results.append(train_speed(model_dir, setting, rows, steps, workdir / f"out-{shape}-{setting}",
-                                       label=shape, sync=sync))
+                                       label=shape, sync=sync, warm=warm))
             print(json.dumps(results[-1]), flush=True)
         if not keep:
             shutil.rmtree(model_dir, ignore_errors=True)
@@ -341,6 +374,7 @@ def _ratios(results: list[dict]) -> None:
             r["speedup"] = round(r["tokens_per_s"] / base[r["shape"]]["tokens_per_s"], 2)
             # steady state: the median step (CUDA graphs record once per new shape bucket, then replay)
             r["median_speedup"] = round(r["median_tokens_per_s"] / base[r["shape"]]["median_tokens_per_s"], 2)
+            r["run_speedup"] = round(r["run_tokens_per_s"] / base[r["shape"]]["run_tokens_per_s"], 2)
 
 
 def print_rows(title: str, rows: list[dict]) -> None:

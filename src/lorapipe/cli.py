@@ -144,7 +144,7 @@ def cmd_bench(ns: argparse.Namespace) -> None:
         else:
             shapes = ["tiny"] if ns.tiny else ns.shapes.split(",")
             rows = bench.train_bench(shapes, settings, 2 if ns.tiny else ns.steps, Path(tmp), ns.fixed_len,
-                                     keep=bool(ns.workdir), sync=not ns.no_sync)
+                                     keep=bool(ns.workdir), sync=not ns.no_sync, warm=ns.warm)
             title = "QLoRA SFT: tutorial recipe vs lorapipe settings (same data, seed, effective batch 16)"
     bench.print_rows(title, rows)
     if ns.json:
@@ -234,6 +234,8 @@ VERBS = {
         p.add_argument("--workdir", default=None, help="train: keep the random models here and reuse them"),
         p.add_argument("--no-sync", action="store_true", help="train: time steps as a real run sees them (no GPU "
                        "synchronisation around each step; loss logged every 10 steps)"),
+        p.add_argument("--warm", action="store_true", help="train: run every setting twice from the same "
+                       "start and time the second run whole (compiled shapes all exist by then)"),
         p.add_argument("--tiny", action="store_true", help="train: a tiny model on CPU (CI: both paths run)"),
         _add_section_flags(p, ["eval", "serve"])), cmd_bench),
     "verify": ("prove what is served is what was trained (PEFT/merged/vLLM agreement, template, stop); exit 1 "

@@ -64,6 +64,7 @@ def run(workdir: Path, steps: int = 40, examples: int = 160, port: int = 8000, q
 
     t = _step(6, "eval: executed tests, base vs fine-tuned (held-out tasks + first 10 HumanEval, greedy)")
     er = evaluate.run(tr.run_dir, {"eval.humaneval_limit": 2 if quick else 10, "eval.samples": 0,
+                                   "eval.heldout_limit": 4 if quick else None,
                                    "eval.max_tokens": 32 if quick else 192})
     timings["eval"] = time.perf_counter() - t
     for name, s in er.metrics["sets"].items():

@@ -67,7 +67,7 @@ def layout(cfg: RunCfg, base: str, rows: list[dict], dtype: torch.dtype) -> tupl
                            checkpointing=t.gradient_checkpointing, optim=optim, quantized=cfg.quant.load_in_4bit,
                            cuda=cuda, fits=(lambda s: estimate(s)["total"] <= 0.9 * free) if cuda else None)
     if t.cuda_graphs and cuda and setting.mode == "speed":
-        setting = dataclasses.replace(setting, liger=False, compile="model-graphs")
+        setting = dataclasses.replace(setting, liger=False, compile="model-graphs", async_host=True)
     elif t.cuda_graphs:
         log.warning("train.cuda_graphs applies to speed mode on CUDA; this run is %s mode%s: ignored",
                     setting.mode, "" if cuda else " on CPU")

@@ -11,8 +11,9 @@ Modes (`train.mode`), all at the configured hyper-parameters (effective batch, l
             fused LM head in every mode.
 - auto:     speed when its estimated peak fits in the GPU's free memory, else memory; the configured flags on CPU.
 
-`train.cuda_graphs` (speed mode, CUDA) also compiles the decoder stack into one CUDA graph per length bucket, for
-small models whose step the host CPU bounds by launching kernels (BENCHMARKS.md: TinyLlama 0.15 -> 0.08 s/step).
+`train.cuda_graphs` (speed mode, CUDA) also compiles the decoder stack into one CUDA graph per length bucket and keeps
+the host from waiting on the GPU inside a step, for small models whose step the host CPU bounds by launching kernels
+(BENCHMARKS.md: TinyLlama 0.15 -> 0.057 s/step).
 
 Every lever is exact: the same examples in the same order, the same masks, the same quantized weights.
 """
@@ -211,7 +212,81 @@ class BucketCollator:
         return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
                 "position_ids": torch.tensor([pos]), "cu_seq_lens_q": torch.tensor(cu, dtype=torch.int32),
                 "cu_seq_lens_k": torch.tensor(cu, dtype=torch.int32), "max_length_q": self.bucket,
-                "max_length_k": self.bucket}
+                "max_length_k": self.bucket, REAL_TOKENS: total - extra}
+
+
+REAL_TOKENS = "num_real_tokens"  # a BucketCollator batch's tokens without the bucket padding (a host int)
+
+
+def sft_trainer(async_host: bool):
+    """TRL's SFTTrainer class for a run compiled into CUDA graphs (with BucketCollator batches).
+
+    `async_host`: no host-device synchronisation inside a training step, so that the host queues the next step while
+    the GPU still runs this one. A replayed CUDA graph leaves the host nothing else to do, and every sync idles the
+    GPU for the host's whole trip back (BENCHMARKS.md: ~30 ms of an 80 ms TinyLlama step). TRL syncs at three points
+    per micro-step, which this class replaces for a single-process causal-LM NLL run (anything else takes TRL's path):
+    - the fused LM head gathers the loss positions with a boolean mask, whose size the host must read: here every
+      position goes through it and the others are zeroed, as TRL itself does on devices without Triton;
+    - entropy and token accuracy are read with `.item()` after every forward: here they stay on the GPU until the
+      step that logs them;
+    - the token counts (TRL's `num_tokens`, the Trainer's `num_input_tokens_seen`) are read back from the GPU: here
+      they are host integers from the batch shapes and the collator.
+    The Trainer's own per-step syncs (the NaN/inf check of the logged loss, blocking input copies) are turned off by
+    `async_args`. Losses and gradients are unchanged: the same kernels over the same tokens.
+    """
+    from unittest import mock
+
+    import trl.trainer.utils as trl_utils
+    from trl import SFTTrainer
+
+    class GraphsSFTTrainer(SFTTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._lazy: list[torch.Tensor] = []  # [entropy, accuracy] per training micro-step, on the GPU
+
+        def _fast(self, model, return_outputs: bool) -> bool:
+            return (async_host and model.training and not return_outputs and self.args.loss_type == "nll"
+                    and not self.aux_loss_enabled and self.compute_loss_func is None and self.label_smoother is None
+                    and self.accelerator.num_processes == 1)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs = {k: v for k, v in inputs.items() if k != REAL_TOKENS}
+            if not self._fast(model, return_outputs) or "position_ids" not in inputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            with mock.patch.object(trl_utils, "_use_triton", lambda device: False):  # no boolean-mask gather
+                out = model(**inputs, use_cache=False, fused_lm_head=True)
+            n = out.label_mask.sum()
+            loss = -out.log_probs.sum() / torch.as_tensor(n if num_items_in_batch is None else num_items_in_batch,
+                                                          device=n.device).clamp(min=1)
+            valid = n.clamp(min=1)
+            self._lazy.append(torch.stack([out.entropy.detach().sum() / valid, out.is_top1.sum() / valid]))
+            self._total_train_tokens += inputs["position_ids"].size(1)
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+            return loss
+
+        def _track_num_input_tokens(self, inputs):
+            if (async_host and REAL_TOKENS in inputs and self.args.include_num_input_tokens_seen != "no"
+                    and self.accelerator.num_processes == 1):
+                self.state.num_input_tokens_seen += inputs[REAL_TOKENS]
+            else:
+                super()._track_num_input_tokens({k: v for k, v in inputs.items() if k != REAL_TOKENS})
+
+        def log(self, logs, start_time=None):
+            if self._lazy and self.model.training:
+                for entropy, accuracy in torch.stack(self._lazy).tolist():  # one sync per logged step
+                    self._metrics["train"]["entropy"].append(entropy)
+                    self._metrics["train"]["mean_token_accuracy"].append(accuracy)
+                self._lazy.clear()
+            super().log(logs, start_time)
+
+    return GraphsSFTTrainer
+
+
+def async_args(async_host: bool) -> dict:
+    """TrainingArguments that go with `sft_trainer(async_host=True)`: batches (pinned, the Trainer's default) copied
+    without blocking the host, and no NaN/inf check of every micro-step's loss (a sync; a non-finite loss still
+    shows in the logged mean)."""
+    return {"accelerator_config": {"non_blocking": True}, "logging_nan_inf_filter": False} if async_host else {}
 
 
 def liger_available() -> bool:
@@ -236,6 +311,7 @@ class Setting:
     liger: bool
     optim: str
     compile: str = ""  # "" (eager) or a `compile_model` kind
+    async_host: bool = False  # with compile: no host-device sync inside a step (`sft_trainer`)
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -189,8 +189,10 @@ def run(cfg: RunCfg, overwrite: bool = False, force: bool = False) -> TrainResul
             dataset_num_proc=None,
             include_num_input_tokens_seen=True,
             disable_tqdm=False,
+            **speed.async_args(graphs and setting.async_host),
         )
-        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+        trainer_cls = speed.sft_trainer(setting.async_host) if graphs else SFTTrainer
+        trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows),
                              eval_dataset=Dataset.from_list(prep.val_rows) if prep.val_rows else None,
                              processing_class=tokenizer, callbacks=[_JsonlLogger(tmp / "logs" / "metrics.jsonl")]
                              + ([_ReleaseCpuMemory()] if not torch.cuda.is_available() else []),

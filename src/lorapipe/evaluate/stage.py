@@ -42,7 +42,7 @@ def task_sets(cfg: RunCfg) -> dict[str, list[tasks.Task]]:
     e = cfg.eval
     sets: dict[str, list[tasks.Task]] = {}
     if e.heldout:
-        sets["heldout"] = tasks.heldout()
+        sets["heldout"] = tasks.heldout()[: e.heldout_limit]
     if e.humaneval:
         sets["humaneval"] = tasks.humaneval(e.humaneval_limit)
     if e.tasks:
@@ -124,7 +124,7 @@ def heldout_loss(run_dir: Path, cfg: RunCfg) -> dict[str, dict[str, float]]:
     tok = AutoTokenizer.from_pretrained(run_dir / "adapter")
     model = PeftModel.from_pretrained(load_model(resolve_model(cfg.model), cfg.model, None, torch.float32),
                                       run_dir / "adapter").eval()
-    recs = [json.loads(line) for line in data_mod.HELDOUT.read_text().splitlines()]
+    recs = [json.loads(line) for line in data_mod.HELDOUT.read_text().splitlines()][: cfg.eval.heldout_limit]
 
     texts = data_mod.prompts_for(recs, cfg.data, run_dir / "adapter")
 
