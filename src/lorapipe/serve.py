@@ -174,7 +174,8 @@ def _env(p: Plan) -> dict[str, str]:
 
 def engine_dtype(s: ServeCfg) -> str:
     """vLLM's 'auto' takes the checkpoint's dtype (bf16 for lorapipe's models), which a CPU without native bf16
-    emulates: there float32 decodes 2.4x faster (SmolLM2-135M on a 2-core AVX2 CPU, BENCHMARKS.md)."""
+    emulates: there float32 decodes 2.0x (with a LoRA request) to 2.5x (without) faster (SmolLM2-135M on a 2-core
+    AVX2 CPU, BENCHMARKS.md)."""
     import torch
 
     from lorapipe.models import cpu_has_bf16

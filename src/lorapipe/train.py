@@ -189,7 +189,7 @@ def run(cfg: RunCfg, overwrite: bool = False, force: bool = False) -> TrainResul
             dataset_num_proc=None,
             include_num_input_tokens_seen=True,
             disable_tqdm=False,
-            **speed.async_args(graphs and setting.async_host),
+            **speed.async_args(setting.async_host),  # set only with CUDA graphs (preflight)
         )
         trainer_cls = speed.sft_trainer(setting.async_host) if graphs else SFTTrainer
         trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows),
