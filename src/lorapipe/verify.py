@@ -1,12 +1,17 @@
 """Prove that what is served is what was trained: `lorapipe verify runs/<name>` -> verify.json + verify.md.
 
 Greedy decoding of held-out prompts on every path the model can take:
-  peft       adapter over the full-precision base (float32, transformers) - the reference
-  merged     runs/<name>/merged loaded by transformers (float32)
-  vllm_lora  vLLM serving the adapter over the base (float32)
-  vllm_merged vLLM serving the merged model (float32)
-  peft_4bit  adapter over the 4-bit base, as in training (reported: quantization legitimately differs)
-plus the max-abs logit difference peft vs merged, a template round-trip (trainer ids == server ids) and a stop check.
+  peft        adapter over the full-precision base (float32, transformers) - the reference
+  merged      runs/<name>/merged loaded by transformers (float32)
+  vllm_lora   vLLM serving the adapter over the base, at the dtype `serve` uses
+  vllm_merged vLLM serving the merged model, at that same dtype (what `serve` then runs at base-model speed)
+  peft_half   the adapter over the base in that dtype when it is bf16/fp16 (transformers): like with like
+  peft_4bit   adapter over the 4-bit base, as in training (reported: quantization legitimately differs)
+The gated figure is teacher-forced: fed the reference's own greedy tokens, the share of them a path also ranks first.
+Unlike free-running agreement (also reported), one near-tie flip does not make the rest of an answer disagree, so
+bf16 rounding, which flips only near-ties, shows as the small share it is, and a wrong template, adapter or merge as
+the large one it is. A bf16 path passes at min_agreement, or within half_slack of transformers' own bf16 forward.
+Plus: the max-abs logit difference peft vs merged, a template round-trip (trainer ids == server ids), a stop check.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from lorapipe.config import RunCfg
 from lorapipe.models import load_model, resolve_model
 from lorapipe.runs import load_run, write_json, write_text
 
-FULL_PRECISION = ("merged", "vllm_lora", "vllm_merged")
+GATED = ("merged", "vllm_lora", "vllm_merged")
 
 
 @dataclass
@@ -75,6 +80,24 @@ def hf_greedy(model, tok, prompts: list[str], max_tokens: int, eos: set[int], ba
             out_ids.append(ids)
             stopped.append(hit)
     return out_ids, stopped
+
+
+@torch.no_grad()
+def hf_forced(model, prompt_ids: list[list[int]], ref: list[list[int]], stopped: list[bool], eos: int) -> list[list[bool]]:
+    """Teacher-forced: for each reference token (and the EOS after it, if the reference stopped), whether the model
+    ranks it first given the prompt and the reference's tokens before it."""
+    out = []
+    for p, r, s in zip(prompt_ids, ref, stopped):
+        target = r + [eos] if s else r
+        ids = torch.tensor([p + r], device=model.device)
+        top = model(input_ids=ids).logits[0, len(p) - 1:].argmax(-1).tolist()
+        out.append([a == b for a, b in zip(top, target)])
+    return out
+
+
+def forced_agreement(hits: list[list[bool]]) -> float:
+    n = sum(map(len, hits))
+    return sum(map(sum, hits)) / n if n else 1.0
 
 
 def agreement(ref: list[list[int]], other: list[list[int]]) -> dict[str, Any]:
@@ -157,13 +180,24 @@ def first_step_logit_diff(a, b, tok, prompts: list[str]) -> float:
     return worst
 
 
-def _vllm_path(p: serve.Plan, texts: list[str], max_tokens: int, eos: set[int], lora: bool):
+def _vllm_path(p: serve.Plan, texts: list[str], max_tokens: int, eos: set[int], forced: tuple) -> tuple:
+    """Free-running greedy answers through vLLM, and the teacher-forced hits on the reference (prompt_logprobs: the
+    rank of every reference token given the prefix before it; 1 = ranked first)."""
+    from vllm import SamplingParams
+
+    prompt_ids, ref, stopped, eos_id = forced
+    req = serve.lora_request(p, p.adapters[0]) if p.adapters else None
     with serve.engine(p) as llm:
-        params = serve.sampling(max_tokens, 0.0)
-        req = serve.lora_request(p, p.adapters[0]) if lora else None
-        outs = llm.generate(texts, params, lora_request=req, use_tqdm=False)
+        outs = llm.generate(texts, serve.sampling(max_tokens, 0.0), lora_request=req, use_tqdm=False)
+        seqs = [{"prompt_token_ids": pi + r} for pi, r in zip(prompt_ids, ref)]
+        tf = llm.generate(seqs, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1), lora_request=req,
+                          use_tqdm=False)
     res = [_cut(list(o.outputs[0].token_ids), eos) for o in outs]
-    return [r[0] for r in res], [r[1] or o.outputs[0].finish_reason == "stop" for r, o in zip(res, outs)]
+    hits = []
+    for pi, r, s, o in zip(prompt_ids, ref, stopped, tf):
+        row = [o.prompt_logprobs[len(pi) + j][t].rank == 1 for j, t in enumerate(r)]
+        hits.append(row + [o.outputs[0].token_ids[0] == eos_id] if s else row)
+    return [r[0] for r in res], [r[1] or o.outputs[0].finish_reason == "stop" for r, o in zip(res, outs)], hits
 
 
 def run(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> VerifyResult:
@@ -201,41 +235,60 @@ def run(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> VerifyR
     texts = data_mod.prompts_for(prompts, cfg.data, run_dir / "adapter")
     report["prompts"] = len(texts)
     fp32 = torch.float32
+    eos_id = tok.eos_token_id
+    prompt_ids = [tok(t)["input_ids"] for t in texts]
+    # the dtype serve runs vLLM at (both paths), and whether it is a half precision with its own reference
+    dtype = serve.serving_dtype(cfg.serve, base)
+    half = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    report["serving_dtype"] = dtype
 
     peft = PeftModel.from_pretrained(load_model(base, cfg.model, None, fp32), run_dir / "adapter").eval()
     ref, ref_stop = hf_greedy(peft, tok, texts, v.max_tokens, eos)
-    outputs = {"peft": (ref, ref_stop)}
+    forced = (prompt_ids, ref, ref_stop, eos_id)
+    outputs = {"peft": (ref, ref_stop, hf_forced(peft, *forced))}
+    dtypes = {"peft": "float32", "merged": "float32", "peft_4bit": f"nf4/{cfg.quant.quant_type}"}
     if not (run_dir / "merged" / "config.json").is_file():
         from lorapipe import merge
 
         merge.run(run_dir)
     merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged", dtype=fp32).to(peft.device).eval()
     report["max_abs_logit_diff_peft_vs_merged"] = first_step_logit_diff(peft, merged, tok, texts[:8])
-    outputs["merged"] = hf_greedy(merged, tok, texts, v.max_tokens, eos)
-    del merged
-    if cfg.quant.load_in_4bit:
-        q = PeftModel.from_pretrained(load_model(base, cfg.model, cfg.quant, fp32), run_dir / "adapter").eval()
-        outputs["peft_4bit"] = hf_greedy(q, tok, texts, v.max_tokens, eos)
-        del q
-    del peft
+    outputs["merged"] = (*hf_greedy(merged, tok, texts, v.max_tokens, eos), hf_forced(merged, *forced))
+    del merged, peft
+    others = [("peft_4bit", cfg.quant, fp32)] if cfg.quant.load_in_4bit else []
+    if half is not None and v.vllm:
+        others.insert(0, ("peft_half", None, half))
+        dtypes["peft_half"] = dtype
+    for name, quant, dt in others:
+        m = PeftModel.from_pretrained(load_model(base, cfg.model, quant, dt), run_dir / "adapter").eval()
+        outputs[name] = (*hf_greedy(m, tok, texts, v.max_tokens, eos), hf_forced(m, *forced))
+        del m
     if v.vllm:
-        vo = {"serve.dtype": "float32"}
-        outputs["vllm_lora"] = _vllm_path(serve.plan([run_dir], {**(overrides or {}), **vo}), texts, v.max_tokens,
-                                          eos, lora=True)
-        outputs["vllm_merged"] = _vllm_path(serve.plan([run_dir], {**(overrides or {}), **vo}, merged=True), texts,
-                                            v.max_tokens, eos, lora=False)
+        outputs["vllm_lora"] = _vllm_path(serve.plan([run_dir], overrides), texts, v.max_tokens, eos, forced)
+        outputs["vllm_merged"] = _vllm_path(serve.plan([run_dir], overrides, merged=True), texts, v.max_tokens, eos,
+                                            forced)
+        dtypes["vllm_lora"] = dtypes["vllm_merged"] = dtype
     report["samples"] = [{"instruction": prompts[i]["instruction"][:120],
-                          **{name: tok.decode(ids[i]) for name, (ids, _) in outputs.items()}}
+                          **{name: tok.decode(out[0][i]) for name, out in outputs.items()}}
                          for i in range(min(3, len(prompts)))]
-    for name, (ids, stopped) in outputs.items():
-        entry = {"stop_share": sum(stopped) / len(stopped), "mean_tokens": sum(map(len, ids)) / len(ids)}
+    floor = forced_agreement(outputs["peft_half"][2]) if "peft_half" in outputs else None
+    for name, (ids, stopped, hits) in outputs.items():
+        entry = {"dtype": dtypes[name], "reference": "peft (float32)", "agreement": forced_agreement(hits),
+                 "stop_share": sum(stopped) / len(stopped), "mean_tokens": sum(map(len, ids)) / len(ids)}
         if name != "peft":
-            entry.update(agreement(ref, ids))
+            free = agreement(ref, ids)
+            entry.update(greedy_agreement=free.pop("agreement"), **free)
+        if name in GATED:
+            gate, why = v.min_agreement, f"{v.min_agreement:.0%}"
+            if floor is not None and entry["dtype"] == dtype and name != "merged":
+                gate = min(gate, floor - v.half_slack)
+                why = f"{gate:.1%} (min of {v.min_agreement:.0%} and peft_half {floor:.1%} - {v.half_slack:.0%})"
+            entry.update(gate=gate, passed=entry["agreement"] >= gate)
+            if not entry["passed"]:
+                failures.append(f"{name} ({entry['dtype']}) ranks first {entry['agreement']:.1%} of the PEFT "
+                                f"reference's greedy tokens (need {why}); free-running, the first divergence "
+                                f"comes at token {entry['mean_first_divergence']}")
         report["paths"][name] = entry
-        if name in FULL_PRECISION and entry["agreement"] < v.min_agreement:
-            failures.append(f"{name} agrees with the PEFT reference on {entry['agreement']:.1%} of tokens "
-                            f"(need {v.min_agreement:.0%}); first divergence at token "
-                            f"{entry['mean_first_divergence']}")
     stop_path = "vllm_lora" if "vllm_lora" in outputs else "peft"
     stop = report["paths"][stop_path]["stop_share"]
     report["stop_share"] = stop
@@ -248,15 +301,19 @@ def run(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> VerifyR
 def _summary(report: dict[str, Any], failures: list[str]) -> str:
     lines = [f"verify {report['run']}: {'PASS' if not failures else 'FAIL'}"]
     if report.get("paths"):
-        lines.append(f"{report['prompts']} prompts, greedy, {report['max_tokens']} tokens; vs PEFT adapter on "
-                     "full-precision base:")
+        lines.append(f"{report['prompts']} prompts, greedy, {report['max_tokens']} tokens; reference: the PEFT adapter "
+                     f"on the float32 base (transformers); vLLM serves at {report.get('serving_dtype')}")
+        lines.append(f"  {'path':<12} {'dtype':<10} {'agreement':>9}  {'gate':<8} {'greedy':>7} {'exact':>6} "
+                     f"{'stops':>6}")
         for name, e in report["paths"].items():
-            if name == "peft":
-                lines.append(f"  {'peft (reference)':<16} stops {e['stop_share']:.0%}")
-                continue
-            lines.append(f"  {name:<16} agreement {e['agreement']:.1%}  exact {e['exact']:.0%}  "
-                         f"stops {e['stop_share']:.0%}" + ("   (4-bit: reported, not gated)"
-                                                          if name == "peft_4bit" else ""))
+            gate = ("ref" if name == "peft" else f">={e['gate']:.1%}" if "gate" in e
+                    else "floor" if name == "peft_half" else "reported")
+            greedy = f"{e['greedy_agreement']:.1%}" if "greedy_agreement" in e else "-"
+            exact = f"{e['exact']:.0%}" if "exact" in e else "-"
+            lines.append(f"  {name:<12} {e['dtype']:<10} {e['agreement']:>9.1%}  {gate:<8} {greedy:>7} {exact:>6} "
+                         f"{e['stop_share']:>6.0%}")
+        lines.append("  agreement: share of the reference's greedy tokens the path ranks first given the same prefix "
+                     "(gated); greedy: free-running tokens before the first divergence")
         lines.append(f"  max |logit| diff peft vs merged (first step): "
                      f"{report['max_abs_logit_diff_peft_vs_merged']:.2e}")
     t = report.get("template")
