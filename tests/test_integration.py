@@ -7,6 +7,7 @@ import json
 import socket
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 
@@ -122,8 +123,41 @@ def test_openai_server_serves_base_and_adapter(smol_run):
     assert proc.poll() is not None  # stopped cleanly on exit
 
 
-def test_serve_cli_prints_url_and_stops_on_ctrl_c(smol_run):
+def _server_session(port: int) -> int | None:
+    """pid of the vLLM server listening on `port` (it leads its own session, engine processes included)."""
+    import os
+    from pathlib import Path
+
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"vllm.entrypoints.openai.api_server" in argv and str(port).encode() in argv:
+            return os.getsid(int(proc.name))
+    return None
+
+
+def _left_in_session(sid: int) -> list[int]:
+    import os
+    from pathlib import Path
+
+    left = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if os.getsid(int(proc.name)) == sid and (proc / "cmdline").read_bytes():
+                left.append(int(proc.name))
+        except OSError:
+            continue
+    return left
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGHUP", "SIGKILL"])
+def test_serve_cli_stops_vllm_on_every_signal(smol_run, sig):
+    """`lorapipe serve` prints the URL and what answers each model name; SIGINT, SIGTERM and SIGHUP stop it and vLLM
+    cleanly, and SIGKILL of lorapipe takes vLLM down too: within 30 s no process is left and the port is free."""
     import signal
+    import time
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "lorapipe", "serve", str(smol_run), "--serve.port", str(port),
@@ -136,11 +170,20 @@ def test_serve_cli_prints_url_and_stops_on_ctrl_c(smol_run):
     out = "".join(seen)
     assert f"http://127.0.0.1:{port}/v1" in out, out[-2000:]
     assert "  smollm2-135m" in out and "  smol " in out and "LoRA adapter r=16 over the base" in out, out[-2000:]
-    proc.send_signal(signal.SIGINT)
+    sid = _server_session(port)
+    assert sid is not None and sid != proc.pid
+    proc.send_signal(getattr(signal, sig))
     rest = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 0 and "server stopped" in rest
+    if sig == "SIGKILL":
+        assert proc.returncode == -signal.SIGKILL
+    else:
+        assert proc.returncode == 0 and "server stopped" in rest, rest[-2000:]
+    deadline = time.monotonic() + 30
+    while _left_in_session(sid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _left_in_session(sid), f"vLLM processes left after {sig}"
     with socket.socket() as s, pytest.raises(ConnectionRefusedError):
-        s.connect(("127.0.0.1", port))  # nothing listens any more: the vLLM server went down with it
+        s.connect(("127.0.0.1", port))  # nothing listens any more
 
 
 def test_demo_command_runs_every_stage(tmp_path):
@@ -157,11 +200,11 @@ def test_demo_command_runs_every_stage(tmp_path):
     assert json.loads((tmp_path / "runs" / "demo" / "verify.json").read_text())["paths"]
 
 
-def _post(url: str, body: dict) -> tuple[int, dict]:
+def _post(url: str, body: dict, key: str | None = None) -> tuple[int, dict]:
     import urllib.error
-    import urllib.request
 
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=120) as r:  # noqa: S310 (loopback)
             text = r.read().decode()
@@ -172,7 +215,9 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
 
 def test_server_adds_runs_at_run_time_with_the_start_checks(smol_run, tmp_path):
     """serve.add_from: a finished run under the folder loads into the running server and answers; a run with another
-    template, one outside the folder and an unknown name are refused with the reason, and the server keeps serving."""
+    template, one outside the folder and an unknown name are refused with the reason, and the server keeps serving.
+    With serve.api_key, every /v1 request needs the key (the load endpoint too), /health does not, and the key is in
+    neither the log nor the plan file."""
     import shutil
 
     from lorapipe import serve
@@ -181,25 +226,32 @@ def test_server_adds_runs_at_run_time_with_the_start_checks(smol_run, tmp_path):
     shutil.copytree(smol_run, pool / "late", ignore=shutil.ignore_patterns("merged"))
     shutil.copytree(smol_run, pool / "other-template", ignore=shutil.ignore_patterns("merged"))
     (pool / "other-template" / "adapter" / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
-    p = serve.plan([smol_run], {"serve.port": free_port(), "serve.add_from": str(pool)})
+    key = "k-" + "7" * 20
+    p = serve.plan([smol_run], {"serve.port": free_port(), "serve.add_from": str(pool), "serve.api_key": key})
     with serve.running(p, tmp_path / "serve.log") as server:
         load = server.url + "/v1/load_lora_adapter"
-        assert _post(load, {"lora_name": "late"})[0] == 200
-        code, err = _post(load, {"lora_name": "other-template"})
+        assert _post(load, {"lora_name": "late"})[0] == 401  # no key: vLLM refuses before the gate looks
+        assert _post(load, {"lora_name": "late"}, key)[0] == 200
+        code, err = _post(load, {"lora_name": "other-template"}, key)
         assert code == 400 and "another prompt template" in err["error"]["message"]
-        code, err = _post(load, {"lora_name": "x", "lora_path": str(smol_run)})
+        code, err = _post(load, {"lora_name": "x", "lora_path": str(smol_run)}, key)
         assert code == 400 and "not inside a folder this server takes runs from" in err["error"]["message"]
-        code, err = _post(load, {"lora_name": "nope"})
+        code, err = _post(load, {"lora_name": "nope"}, key)
         assert code == 400 and "no run named 'nope'" in err["error"]["message"]
-        ids = [m["id"] for m in serve._get_json(server.url + "/v1/models")["data"]]
+        ids = [m["id"] for m in serve._get_json(server.url + "/v1/models", key=key)["data"]]
         assert "late" in ids and "other-template" not in ids
-        reply = serve.chat(server.url, "late", "Write a function `inc(x)` that returns x + 1.", max_tokens=8)
+        reply = serve.chat(server.url, "late", "Write a function `inc(x)` that returns x + 1.", max_tokens=8, key=key)
         assert reply["model"] == "late" and reply["choices"][0]["message"]["content"]
-        code, err = _post(server.url + "/v1/completions", {"model": "missing", "prompt": "hi", "max_tokens": 2})
+        code, err = _post(server.url + "/v1/completions", {"model": "missing", "prompt": "hi", "max_tokens": 2}, key)
         assert code == 404
-        code, err = _post(server.url + "/v1/completions", {"model": "smol", "prompt": "word " * 1100, "max_tokens": 2})
+        code, err = _post(server.url + "/v1/completions", {"model": "smol", "prompt": "word " * 1100, "max_tokens": 2},
+                          key)
         assert code == 400 and "maximum context length" in err["error"]["message"]
-        assert serve.chat(server.url, "smol", "Say hi.", max_tokens=4)["choices"]  # still serving everyone else
+        assert _post(server.url + "/v1/completions", {"model": "smol", "prompt": "hi", "max_tokens": 2})[0] == 401
+        with urllib.request.urlopen(server.url + "/health", timeout=10) as r:  # noqa: S310 (loopback)
+            assert r.status == 200  # open for load balancers
+        assert serve.chat(server.url, "smol", "Say hi.", max_tokens=4, key=key)["choices"]  # still serving the rest
+    assert key not in (tmp_path / "serve.log").read_text() and key not in (tmp_path / "serve_plan.json").read_text()
 
 
 def test_bench_serve_prints_the_table(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from adapters import run_with_adapter, tiny_gpt2, tiny_llama
 
-from lorapipe import serve
+from lorapipe import gate, serve
 from lorapipe.errors import UserError
 from lorapipe.models import cpu_has_bf16
 
@@ -114,7 +114,7 @@ def test_lora_settings_come_from_the_adapters(tiny_run, tmp_path):
     """LoRA only on the modules the adapters train, as many adapters per batch as are served, and runtime adds."""
     second = copy_run(tiny_run, tmp_path / "second")
     p = serve.plan([tiny_run, second])
-    assert p.target_modules == sorted(serve.adapter_targets(tiny_run / "adapter")) == ["k_proj", "o_proj", "q_proj",
+    assert p.target_modules == sorted(gate.adapter_targets(tiny_run / "adapter")) == ["k_proj", "o_proj", "q_proj",
                                                                                      "v_proj"]
     assert (p.max_loras, p.max_cpu_loras) == (2, 2)
     kw = serve.engine_kwargs(p)
@@ -167,8 +167,6 @@ def test_route_serves_a_verified_merged_model_at_base_speed(tiny_run, tmp_path):
 
 
 def test_gate_admits_runs_under_the_folders_with_the_start_checks(tiny_run, tiny_model, tmp_path):
-    from lorapipe import gate
-
     pool = tmp_path / "pool"
     good = copy_run(tiny_run, pool / "good")
     p = serve.plan([tiny_run], {"serve.add_from": str(pool)})
@@ -223,3 +221,23 @@ def test_generate_refuses_a_prompt_longer_than_the_engine_takes(tiny_run, tmp_pa
     prompts.write_text('{"prompt": "short"}\n' + json.dumps({"prompt": "def f(x): return x " * 400}) + "\n")
     with pytest.raises(UserError, match=r"long.jsonl:2: the prompt has \d+ tokens, and serve.max_model_len is 256"):
         serve.generate(tiny_run, str(prompts), {"serve.max_model_len": 256})
+
+
+def test_serving_beyond_loopback_needs_a_key_that_stays_out_of_files(tiny_run, monkeypatch):
+    from lorapipe.config import dump_config, load_config
+
+    monkeypatch.delenv("LORAPIPE_API_KEY", raising=False)
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    wide = serve.plan([tiny_run], {"serve.host": "0.0.0.0"})
+    with pytest.raises(UserError, match="serve.host 0.0.0.0 is reachable from other machines, and the server has no"):
+        serve.check_auth(wide)
+    serve.check_auth(serve.plan([tiny_run], {"serve.host": "0.0.0.0", "serve.allow_unauthenticated": True}))
+    serve.check_auth(serve.plan([tiny_run], {"serve.host": "::1"}))  # loopback needs no key
+    assert "VLLM_API_KEY" not in serve._env(wide)
+    monkeypatch.setenv("LORAPIPE_API_KEY", "k-from-env")
+    keyed = serve.plan([tiny_run], {"serve.host": "0.0.0.0"})
+    serve.check_auth(keyed)
+    assert serve._env(keyed)["VLLM_API_KEY"] == "k-from-env"
+    assert "k-from-env" not in " ".join(serve.server_command(keyed)) + json.dumps(serve.plan_record(keyed))
+    assert serve.api_key(serve.plan([tiny_run], {"serve.api_key": "k-flag"}).serve) == "k-flag"  # the flag wins
+    assert "k-flag" not in dump_config(load_config(None, {"serve.api_key": "k-flag"}))  # never in config.yaml

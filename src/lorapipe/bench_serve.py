@@ -81,8 +81,9 @@ def _random_adapter(adapter_dir: Path, base: str, rank: int, seed: int) -> None:
 
     c = AutoConfig.from_pretrained(base).get_text_config()
     hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    dims = {"q_proj": (c.hidden_size, c.num_attention_heads * hd), "k_proj": (c.hidden_size, c.num_key_value_heads * hd),
-            "v_proj": (c.hidden_size, c.num_key_value_heads * hd), "o_proj": (c.num_attention_heads * hd, c.hidden_size)}
+    q, kv = c.num_attention_heads * hd, c.num_key_value_heads * hd
+    dims = {"q_proj": (c.hidden_size, q), "k_proj": (c.hidden_size, kv), "v_proj": (c.hidden_size, kv),
+            "o_proj": (q, c.hidden_size)}
     g = torch.Generator().manual_seed(seed)
     weights = {}
     for layer in range(c.num_hidden_layers):

@@ -211,16 +211,19 @@ def cmd_serve(ns: argparse.Namespace) -> None:
     from lorapipe import serve
 
     def ready(server, p) -> None:
-        print(f"\nOpenAI-compatible server: {server.url}/v1   (Ctrl-C stops it)")
+        print(f"\nOpenAI-compatible server: {server.url}/v1   (Ctrl-C, SIGTERM or SIGHUP stops it)")
         print("models:")
         for name, what in p.routes():
             print(f"  {name:<24} {what}")
         for note in p.notes:
             print(f"  note: {note}")
+        auth = " -H 'Authorization: Bearer $LORAPIPE_API_KEY'" if serve.api_key(p.serve) else ""
+        if auth:
+            print("requests must carry the key (serve.api_key); /health is open")
         if p.add_from:
-            print(f"runs under {', '.join(map(str, p.add_from))} can be added: curl {server.url}/v1/load_lora_adapter "
-                  "-H 'Content-Type: application/json' -d '{\"lora_name\": \"RUN\"}'")
-        print(f"log: {server.log_path}\nexample:\n  curl {server.url}/v1/chat/completions -H 'Content-Type: "
+            print(f"runs under {', '.join(map(str, p.add_from))} can be added: curl {server.url}/v1/load_lora_adapter"
+                  f"{auth} -H 'Content-Type: application/json' -d '{{\"lora_name\": \"RUN\"}}'")
+        print(f"log: {server.log_path}\nexample:\n  curl {server.url}/v1/chat/completions{auth} -H 'Content-Type: "
               f"application/json' -d '{{\"model\": \"{p.routes()[-1][0]}\", \"messages\": [{{\"role\": \"user\", "
               f"\"content\": \"Write a function that reverses a string.\"}}]}}'", flush=True)
 

@@ -208,6 +208,11 @@ class ServeCfg(_Section):
     add_from: list[str] = Field(default_factory=list, description="Folders whose finished runs a running server "
                                 "may add (POST /v1/load_lora_adapter {\"lora_name\": RUN}), with the checks made "
                                 "at start; only runs inside these folders load. Empty: no runtime loading.")
+    api_key: str | None = Field(None, exclude=True, repr=False, description="Key every /v1 request must carry "
+                                "(Authorization: Bearer KEY); /health stays open. Default: $LORAPIPE_API_KEY. Never "
+                                "written to a run directory, a log or the server's command line.")
+    allow_unauthenticated: bool = Field(False, description="Serve on an address other than loopback without "
+                                        "serve.api_key (refused otherwise).")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of GPU memory vLLM may take.")
     cpu_kv_cache_gb: int = Field(1, gt=0, description="KV-cache size on CPU in GiB (VLLM_CPU_KVCACHE_SPACE).")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(

@@ -1,4 +1,5 @@
-"""Runs added to a running server: vLLM's own runtime LoRA loading, behind the checks `serve` makes at start.
+"""What vLLM can serve: the adapter checks `serve` makes at start, and the same checks on runs added to a running
+server (vLLM's own runtime LoRA loading behind an ASGI middleware).
 
 `lorapipe serve RUN --serve.add_from runs/` starts vLLM with VLLM_ALLOW_RUNTIME_LORA_UPDATING and this ASGI
 middleware (vLLM's `--middleware`). Every `POST /v1/load_lora_adapter` passes through `admit` before vLLM sees it:
@@ -20,6 +21,76 @@ import os
 from pathlib import Path
 from typing import Any
 
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def base_modules(base: str) -> tuple[dict[str, tuple[int, int]], int]:
+    """{module name: (in_features, out_features)} of the base's linear layers, and its vocab size.
+
+    Built on the meta device from config.json alone: no weights are read.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    mods = {n: (m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    return mods, int(config.get_text_config().vocab_size)
+
+
+def adapter_shapes(adapter_dir: Path) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} of the adapter's weights, read from the safetensors header only."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(adapter_dir) / "adapter_model.safetensors"), framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+
+
+def adapter_targets(adapter_dir: Path) -> set[str]:
+    """The module names (q_proj, ...) that carry LoRA weights in this adapter."""
+    return {k.split(".lora_A.")[0].rsplit(".", 1)[-1] for k in adapter_shapes(adapter_dir) if ".lora_A." in k}
+
+
+def check_adapter(adapter_dir: Path, base: str, base_info=None) -> list[str]:
+    """What in this adapter vLLM cannot serve over `base`, each as a sentence that says what is wrong."""
+    acfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    problems = []
+    if acfg.get("modules_to_save"):
+        problems.append(f"it trains full copies of {acfg['modules_to_save']} (modules_to_save), which vLLM LoRA "
+                        "cannot load")
+    if acfg.get("use_dora"):
+        problems.append("it is a DoRA adapter, which vLLM cannot serve")
+    if acfg.get("trainable_token_indices"):
+        problems.append("it trains token embeddings (trainable_token_indices), which vLLM LoRA cannot load")
+    if int(acfg["r"]) > VLLM_RANKS[-1]:
+        problems.append(f"its rank {acfg['r']} is above vLLM's maximum {VLLM_RANKS[-1]}")
+    mods, vocab = base_info or base_modules(base)
+    shapes = adapter_shapes(adapter_dir)
+    full = sorted({k for k in shapes if "lora_" not in k})
+    if full:
+        problems.append(f"it carries full weights ({full[0]}{' ...' if len(full) > 1 else ''}): resized embeddings "
+                        "or added tokens, which vLLM LoRA cannot load")
+    missing, misfit = set(), []
+    for key, shape in shapes.items():
+        if ".lora_A." not in key:
+            continue
+        name = key.split(".lora_A.")[0].removeprefix("base_model.model.")
+        if name not in mods:
+            missing.add(name.rsplit(".", 1)[-1])
+        elif shape[1] != mods[name][0]:
+            misfit.append(f"{name} takes {mods[name][0]} inputs, the adapter's {shape[1]}")
+    if missing:
+        problems.append(f"it targets modules the base does not have: {', '.join(sorted(missing))}")
+    if misfit:
+        problems.append(f"it was trained for another base model ({misfit[0]})")
+    added = adapter_dir / "tokenizer.json"
+    if added.exists():
+        n_tok = max((t["id"] for t in json.loads(added.read_text()).get("added_tokens", [])), default=-1) + 1
+        if n_tok > vocab:
+            problems.append(f"its tokenizer has {n_tok} tokens but the base vocabulary {vocab} (added tokens)")
+    return problems
+
 
 class Refused(Exception):
     """A run this server will not load; the message says why."""
@@ -27,7 +98,6 @@ class Refused(Exception):
 
 def admit(plan: dict[str, Any], req: dict[str, Any], cwd: Path, base_info=None) -> dict[str, Any]:
     """The load request vLLM should get for `req`, or Refused. `plan` is the server's serve_plan.json."""
-    from lorapipe import serve
     from lorapipe.errors import UserError
     from lorapipe.models import resolve_model
     from lorapipe.runs import adapter_config, load_run
@@ -56,14 +126,14 @@ def admit(plan: dict[str, Any], req: dict[str, Any], cwd: Path, base_info=None) 
         raise Refused(str(exc)) from None
     if base != plan["base"]:
         raise Refused(f"{run}: trained on {base}, and this server's base is {plan['base']}")
-    problems = serve.check_adapter(run / "adapter", base, base_info)
+    problems = check_adapter(run / "adapter", base, base_info)
     if problems:
         raise Refused(f"{run}: vLLM cannot serve this adapter: " + "; ".join(problems))
     rank = int(adapter_config(run)["r"])
     if rank > plan["max_lora_rank"]:
         raise Refused(f"{run}: its rank {rank} is above this server's max_lora_rank {plan['max_lora_rank']}, set at "
                       "start from the runs it serves; restart the server with this run among them")
-    extra = serve.adapter_targets(run / "adapter") - set(plan["target_modules"])
+    extra = adapter_targets(run / "adapter") - set(plan["target_modules"])
     if extra:
         raise Refused(f"{run}: it trains LoRA on {', '.join(sorted(extra))}, and this server applies LoRA to "
                       f"{', '.join(plan['target_modules'])} only (set at start from the runs it serves); restart "
@@ -93,15 +163,22 @@ class RunGate:
         self.cwd = Path.cwd()
         self.base_info = None
 
-    def _admit(self, req: dict[str, Any]) -> dict[str, Any]:
-        from lorapipe import serve
+    @staticmethod
+    def _authorized(scope) -> bool:
+        import hmac
 
+        key = os.environ.get("VLLM_API_KEY")
+        given = dict(scope["headers"]).get(b"authorization", b"").decode(errors="replace")
+        return not key or hmac.compare_digest(given, f"Bearer {key}")
+
+    def _admit(self, req: dict[str, Any]) -> dict[str, Any]:
         if self.base_info is None:  # the base's module shapes, built once on the meta device
-            self.base_info = serve.base_modules(self.plan["base"])
+            self.base_info = base_modules(self.plan["base"])
         return admit(self.plan, req, self.cwd, self.base_info)
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"] != "/v1/load_lora_adapter" or scope["method"] != "POST":
+        if scope["type"] != "http" or scope["path"] != "/v1/load_lora_adapter" or scope["method"] != "POST" \
+                or not self._authorized(scope):  # vLLM's own key check answers the unauthorized (401)
             await self.app(scope, receive, send)
             return
         body = b""

@@ -24,13 +24,11 @@ from typing import Any
 from lorapipe import data as data_mod
 from lorapipe.config import EMBEDDED_MODEL, RunCfg, ServeCfg
 from lorapipe.errors import UserError
+from lorapipe.gate import VLLM_RANKS, adapter_targets, base_modules, check_adapter
 from lorapipe.models import resolve_model
 from lorapipe.runs import adapter_config, load_run, write_json, write_text
 
 log = logging.getLogger(__name__)
-
-VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-
 
 @dataclass
 class Adapter:
@@ -64,74 +62,6 @@ class Plan:
             return [(self.base_name, f"merged weights {self.base}")]
         return [(self.base_name, f"base weights {self.base}")] + [
             (a.name, f"LoRA adapter r={a.rank} over the base ({a.path})") for a in self.adapters]
-
-
-def base_modules(base: str) -> tuple[dict[str, tuple[int, int]], int]:
-    """{module name: (in_features, out_features)} of the base's linear layers, and its vocab size.
-
-    Built on the meta device from config.json alone: no weights are read.
-    """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(base)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    mods = {n: (m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    return mods, int(config.get_text_config().vocab_size)
-
-
-def adapter_shapes(adapter_dir: Path) -> dict[str, tuple[int, ...]]:
-    """{tensor name: shape} of the adapter's weights, read from the safetensors header only."""
-    from safetensors import safe_open
-
-    with safe_open(str(Path(adapter_dir) / "adapter_model.safetensors"), framework="pt") as f:
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-
-
-def adapter_targets(adapter_dir: Path) -> set[str]:
-    """The module names (q_proj, ...) that carry LoRA weights in this adapter."""
-    return {k.split(".lora_A.")[0].rsplit(".", 1)[-1] for k in adapter_shapes(adapter_dir) if ".lora_A." in k}
-
-
-def check_adapter(adapter_dir: Path, base: str, base_info=None) -> list[str]:
-    """What in this adapter vLLM cannot serve over `base`, each as a sentence that says what is wrong."""
-    acfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    problems = []
-    if acfg.get("modules_to_save"):
-        problems.append(f"it trains full copies of {acfg['modules_to_save']} (modules_to_save), which vLLM LoRA "
-                        "cannot load")
-    if acfg.get("use_dora"):
-        problems.append("it is a DoRA adapter, which vLLM cannot serve")
-    if acfg.get("trainable_token_indices"):
-        problems.append("it trains token embeddings (trainable_token_indices), which vLLM LoRA cannot load")
-    if int(acfg["r"]) > VLLM_RANKS[-1]:
-        problems.append(f"its rank {acfg['r']} is above vLLM's maximum {VLLM_RANKS[-1]}")
-    mods, vocab = base_info or base_modules(base)
-    shapes = adapter_shapes(adapter_dir)
-    full = sorted({k for k in shapes if "lora_" not in k})
-    if full:
-        problems.append(f"it carries full weights ({full[0]}{' ...' if len(full) > 1 else ''}): resized embeddings "
-                        "or added tokens, which vLLM LoRA cannot load")
-    missing, misfit = set(), []
-    for key, shape in shapes.items():
-        if ".lora_A." not in key:
-            continue
-        name = key.split(".lora_A.")[0].removeprefix("base_model.model.")
-        if name not in mods:
-            missing.add(name.rsplit(".", 1)[-1])
-        elif shape[1] != mods[name][0]:
-            misfit.append(f"{name} takes {mods[name][0]} inputs, the adapter's {shape[1]}")
-    if missing:
-        problems.append(f"it targets modules the base does not have: {', '.join(sorted(missing))}")
-    if misfit:
-        problems.append(f"it was trained for another base model ({misfit[0]})")
-    added = adapter_dir / "tokenizer.json"
-    if added.exists():
-        n_tok = max((t["id"] for t in json.loads(added.read_text()).get("added_tokens", [])), default=-1) + 1
-        if n_tok > vocab:
-            problems.append(f"its tokenizer has {n_tok} tokens but the base vocabulary {vocab} (added tokens)")
-    return problems
 
 
 def _nvml_device():
@@ -301,7 +231,14 @@ def _env(p: Plan) -> dict[str, str]:
         env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     if p.add_from:
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # vLLM's own loading, behind lorapipe's gate
+    key = api_key(p.serve)
+    if key:
+        env["VLLM_API_KEY"] = key  # vLLM's own check; an environment variable is in no log and no `ps` listing
     return env
+
+
+def api_key(s: ServeCfg) -> str | None:
+    return s.api_key or os.environ.get("LORAPIPE_API_KEY") or None
 
 
 def eager(s: ServeCfg) -> bool:
@@ -367,6 +304,20 @@ def check_free(p: Plan) -> None:
                             f"set to take {p.serve.gpu_memory_utilization:.0%} of it ({want / 2**30:.1f} GiB, "
                             f"serve.gpu_memory_utilization): free the GPU, or pass --serve.gpu_memory_utilization "
                             f"{fit}")
+
+
+def check_auth(p: Plan) -> None:
+    """An address other than loopback serves every adapter to whoever reaches it: only with a key, or when asked."""
+    import ipaddress
+
+    host = p.serve.host
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not api_key(p.serve) and not p.serve.allow_unauthenticated:
+        raise UserError(f"serve.host {host} is reachable from other machines, and the server has no key: set "
+                        "LORAPIPE_API_KEY (or --serve.api_key), or pass --serve.allow_unauthenticated true")
 
 
 def check_port(p: Plan) -> None:
@@ -489,11 +440,23 @@ class Server:
     log_path: Path
 
 
-def _get_json(url: str, timeout: float = 5) -> Any:
+def _get_json(url: str, timeout: float = 5, key: str | None = None) -> Any:
     import urllib.request
 
-    with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 (loopback URL we built)
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 (loopback URL we built)
         return json.loads(r.read())
+
+
+def _die_with_parent() -> None:
+    """Run in the server's process before it execs: Linux sends it SIGTERM when lorapipe dies, SIGKILL included,
+    and vLLM's server then shuts its engine down (PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: Ctrl-C and the signals lorapipe catches still stop it
+        pass
 
 
 def stop(server: Server, timeout: float = 30) -> None:
@@ -516,6 +479,7 @@ def running(p: Plan, log_path: Path) -> Iterator[Server]:
 
     The plan is written beside the log (serve_plan.json): what each model name serves, and what lorapipe.gate, in
     the server, checks runs added at run time against."""
+    check_auth(p)
     check_port(p)
     check_free(p)
     url = f"http://{p.serve.host}:{p.serve.port}"
@@ -527,7 +491,7 @@ def running(p: Plan, log_path: Path) -> Iterator[Server]:
         env["LORAPIPE_SERVE_PLAN"] = str(plan_path.resolve())
     logf = log_path.open("w")
     proc = subprocess.Popen(server_command(p), stdout=logf, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_die_with_parent)
     server = Server(url, [], proc, log_path)
     try:
         deadline = time.monotonic() + p.serve.startup_timeout_s
@@ -537,7 +501,7 @@ def running(p: Plan, log_path: Path) -> Iterator[Server]:
                 raise UserError(f"the vLLM server exited with code {proc.returncode} while starting; "
                                 f"log {log_path}:\n{tail}")
             try:
-                server.models = [m["id"] for m in _get_json(url + "/v1/models")["data"]]
+                server.models = [m["id"] for m in _get_json(url + "/v1/models", key=api_key(p.serve))["data"]]
                 break
             except OSError:
                 if time.monotonic() > deadline:
@@ -550,29 +514,40 @@ def running(p: Plan, log_path: Path) -> Iterator[Server]:
         logf.close()
 
 
-def chat(url: str, model: str, content: str, max_tokens: int = 128, temperature: float = 0.0) -> dict[str, Any]:
+def chat(url: str, model: str, content: str, max_tokens: int = 128, temperature: float = 0.0,
+         key: str | None = None) -> dict[str, Any]:
     """One OpenAI chat completion over HTTP (stdlib only, so clients need nothing installed)."""
     import urllib.request
 
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": content}],
                        "max_tokens": max_tokens, "temperature": temperature}).encode()
-    req = urllib.request.Request(url + "/v1/chat/completions", data=body,
-                                 headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(url + "/v1/chat/completions", data=body, headers=headers)
     with urllib.request.urlopen(req, timeout=600) as r:  # noqa: S310
         return json.loads(r.read())
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def serve(run_dirs: list[str | Path], overrides: dict[str, Any] | None = None, on_ready=None) -> None:
-    """Run the server in the foreground until Ctrl-C; `on_ready(server, plan)` is called once it answers."""
+    """Run the server in the foreground until Ctrl-C, SIGTERM or SIGHUP (process managers, `timeout`, a closed
+    terminal), each of which stops vLLM cleanly; `on_ready(server, plan)` is called once it answers."""
     p = route(run_dirs, overrides)
     log_path = Path(run_dirs[0]) / "logs" / "serve.log"
-    with running(p, log_path) as server:
-        if on_ready:
-            on_ready(server, p)
-        try:
-            while server.process.poll() is None:
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    code = None
+    try:
+        with running(p, log_path) as server:
+            if on_ready:
+                on_ready(server, p)
+            while (code := server.process.poll()) is None:
                 time.sleep(0.5)
-        except KeyboardInterrupt:
-            pass
-    if server.process.returncode not in (0, -signal.SIGINT, None):
-        log.warning("server exited with code %s; see %s", server.process.returncode, log_path)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if code not in (0, -signal.SIGINT, None):
+        log.warning("the vLLM server exited by itself with code %s; see %s", code, log_path)
