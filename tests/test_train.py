@@ -68,7 +68,7 @@ def test_existing_run_dir_is_refused(tiny_cfg):
         train.run(cfg)
 
 
-def test_failed_training_leaves_nothing_behind(tiny_cfg, monkeypatch):
+def test_failed_training_leaves_only_a_marked_in_progress_folder(tiny_cfg, monkeypatch):
     import trl
 
     def boom(self, *a, **k):
@@ -79,7 +79,8 @@ def test_failed_training_leaves_nothing_behind(tiny_cfg, monkeypatch):
     with pytest.raises(RuntimeError, match="simulated crash"):
         train.run(cfg)
     assert not cfg.run_dir().exists()
-    assert list(cfg.run_dir().parent.iterdir()) == []
+    assert [p.name for p in cfg.run_dir().parent.iterdir()] == ["crash.incomplete"]
+    assert "lorapipe train" in (cfg.run_dir().parent / "crash.incomplete" / "INCOMPLETE").read_text()
 
 
 def test_unknown_target_module_is_a_user_error(tiny_cfg):

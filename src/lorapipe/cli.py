@@ -48,8 +48,9 @@ def cmd_train(ns: argparse.Namespace) -> None:
     from lorapipe import train
 
     cfg = load_config(ns.config, _overrides(ns))
-    r = train.run(cfg, overwrite=ns.overwrite, force=ns.force)
-    print(f"\ntrained {r.steps} steps in {r.runtime_s:.0f}s, train loss {r.train_loss:.4f}")
+    r = train.run(cfg, overwrite=ns.overwrite, force=ns.force, restart=ns.restart)
+    resumed = f" (resumed at step {r.metrics['resumed_from_step']})" if r.metrics.get("resumed_from_step") else ""
+    print(f"\ntrained {r.steps} steps{resumed} in {r.runtime_s:.0f}s, train loss {r.train_loss:.4f}")
     print(f"run directory: {r.run_dir}  (adapter/, config.yaml, metrics.json, logs/)")
 
 
@@ -242,10 +243,12 @@ def cmd_demo(ns: argparse.Namespace) -> None:
 
 VERBS = {
     # verb: (help, arguments, function)
-    "train": ("QLoRA SFT from a config file -> runs/<name>/", lambda p: (
+    "train": ("QLoRA SFT from a config file -> runs/<name>/ (resumes an interrupted run of that name)", lambda p: (
         p.add_argument("config", nargs="?", help="YAML config (omit for all defaults)"),
         p.add_argument("--overwrite", action="store_true", help="replace an existing run directory"),
         p.add_argument("--force", action="store_true", help="train even when preflight finds a problem"),
+        p.add_argument("--restart", action="store_true", help="an interrupted run of this name "
+                       "(runs/<name>.incomplete/) is deleted and trained from step 0 instead of resumed"),
         _add_section_flags(p, list(SECTIONS), top_level=True)), cmd_train),
     "preflight": ("check the data before training: lengths, truncation, loss share, EOS, rendered examples, "
                   "memory estimate, steps; exit 1 on a problem", lambda p: (
@@ -336,8 +339,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if ns.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from lorapipe.checkpoint import Stopped
+
     try:
         rc = ns.fn(ns)
+    except Stopped as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return exc.code
     except UserError as exc:
         if ns.debug:
             raise

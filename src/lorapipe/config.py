@@ -145,7 +145,10 @@ class TrainCfg(_Section):
     logging_steps: int = Field(1, gt=0, description="Log metrics every N optimizer steps.")
     eval_steps: int = Field(50, gt=0, description="Validation loss every N optimizer steps (and at the end), when "
                             "there is a validation set (data.val_size or data.val_source).")
-    save_steps: int = Field(0, ge=0, description="Save a checkpoint every N steps under logs/ (0: only at the end).")
+    save_steps: int | None = Field(None, gt=0, description="Save a resumable checkpoint (adapter, optimizer, "
+                                   "scheduler, RNG, data position) every N steps. Default: every tenth of the run.")
+    save_minutes: float = Field(10.0, ge=0, description="Also save a checkpoint when this many minutes of training "
+                                "passed since the last one (0: off).")
     seed: int = Field(42, description="Random seed for data order and adapter initialisation.")
 
 

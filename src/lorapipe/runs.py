@@ -35,16 +35,23 @@ def atomic_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
+        promote(tmp, final, overwrite=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def promote(tmp: Path, final: Path, overwrite: bool = False) -> None:
+    """Rename a finished folder into place; an existing `final` (with overwrite) is swapped out, then removed."""
+    if final.exists():
+        if not overwrite:
+            raise UserError(f"{final}: already exists; pick another name or pass --overwrite")
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
 
 
 def write_text(path: Path, text: str) -> None:

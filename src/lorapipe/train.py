@@ -1,7 +1,8 @@
 """QLoRA supervised fine-tuning: TRL's SFTTrainer over a PEFT LoRA on the (4-bit) base. Writes a run directory.
 
-The run is built in a temp folder beside runs/<name> and renamed into place only when training and saving succeed,
-so a failed or interrupted run never leaves a half-written run directory behind.
+The run is built in runs/<name>.incomplete/ and renamed to runs/<name>/ only when training and saving succeed, so
+a half-written run directory never exists. The in-progress folder holds resumable checkpoints and survives a crash:
+the next `lorapipe train` of the same config resumes from its last whole checkpoint (lorapipe.checkpoint).
 """
 
 from __future__ import annotations
@@ -10,19 +11,20 @@ import json
 import logging
 import os
 import platform
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
+from transformers import TrainerCallback, set_seed
 
-from lorapipe import preflight, speed
-from lorapipe.config import RunCfg, dump_config
+from lorapipe import checkpoint, preflight, speed
+from lorapipe.config import RunCfg
 from lorapipe.errors import UserError
 from lorapipe.models import device_summary, load_model
-from lorapipe.runs import atomic_dir, write_json, write_text
+from lorapipe.runs import promote, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +112,12 @@ def _current_rss_gib() -> float:
         return 0.0
 
 
-def run(cfg: RunCfg, overwrite: bool = False, force: bool = False) -> TrainResult:
-    """Train a LoRA adapter as `cfg` says and write runs/<name>/ (config, adapter, tokenizer, logs, metrics)."""
+def run(cfg: RunCfg, overwrite: bool = False, force: bool = False, restart: bool = False) -> TrainResult:
+    """Train a LoRA adapter as `cfg` says and write runs/<name>/ (config, adapter, tokenizer, logs, metrics).
+
+    An interrupted run of the same config (runs/<name>.incomplete/) is resumed from its last whole checkpoint;
+    `restart` starts it over. SIGTERM/SIGINT save a checkpoint at the next step boundary and raise Stopped.
+    """
     from peft import get_peft_model, prepare_model_for_kbit_training
     from trl import SFTConfig, SFTTrainer
 
@@ -128,6 +134,8 @@ def run(cfg: RunCfg, overwrite: bool = False, force: bool = False) -> TrainResul
                     cfg.data.max_length, prep.report["response_lost"])
     base, dtype, tokenizer, rows, setting, estimate = (prep.base, prep.dtype, prep.tokenizer, prep.rows,
                                                          prep.setting, prep.estimate)
+    resume = checkpoint.prepare(cfg, checkpoint.fingerprint(rows), restart)
+    tmp = resume.folder
 
     from datasets import Dataset
 
@@ -139,6 +147,7 @@ def run(cfg: RunCfg, overwrite: bool = False, force: bool = False) -> TrainResul
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=setting.checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
+    set_seed(cfg.train.seed)  # the adapter's random init (the Trainer seeds only later): same seed, same run
     try:
         model = get_peft_model(model, _lora_config(cfg, model))
     except ValueError as exc:
@@ -150,88 +159,107 @@ def run(cfg: RunCfg, overwrite: bool = False, force: bool = False) -> TrainResul
         speed.compile_model(model, setting.compile)
     trainable, total = model.get_nb_trainable_parameters()
 
-    with atomic_dir(run_dir, overwrite=overwrite) as tmp:
-        (tmp / "logs").mkdir()
-        write_text(tmp / "config.yaml", dump_config(cfg))
-        write_json(tmp / "preflight.json", prep.report)
-        write_text(tmp / "preflight.md", preflight.summary(prep.report))
-        t = cfg.train
-        args = SFTConfig(
-            output_dir=str(tmp / "logs"),
-            per_device_train_batch_size=setting.micro_batch,
-            gradient_accumulation_steps=setting.accum,
-            learning_rate=t.learning_rate,
-            num_train_epochs=t.num_train_epochs,
-            max_steps=t.max_steps,
-            warmup_steps=t.warmup_ratio,
-            lr_scheduler_type=t.lr_scheduler_type,
-            optim=setting.optim,
-            weight_decay=t.weight_decay,
-            max_grad_norm=t.max_grad_norm,
-            gradient_checkpointing=setting.checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-            logging_steps=t.logging_steps,
-            eval_strategy="steps" if prep.val_rows else "no",
-            eval_steps=t.eval_steps,
-            per_device_eval_batch_size=setting.micro_batch,
-            save_strategy="steps" if t.save_steps else "no",
-            save_steps=t.save_steps or 500,
-            seed=t.seed,
-            bf16=dtype == torch.bfloat16,
-            fp16=dtype == torch.float16,
-            use_cpu=not torch.cuda.is_available(),
-            report_to="none",
-            max_length=None if setting.padding_free else cfg.data.max_length,  # rows are already cut
-            padding_free=setting.padding_free and not graphs,  # graphs: lorapipe's bucketed padding-free batches
-            remove_unused_columns=not graphs,
-            use_liger_kernel=setting.liger,
-            completion_only_loss=cfg.data.completion_only_loss,
-            dataset_num_proc=None,
-            include_num_input_tokens_seen=True,
-            disable_tqdm=False,
-            **speed.async_args(setting.async_host),  # set only with CUDA graphs (preflight)
-        )
-        trainer_cls = speed.sft_trainer(setting.async_host) if graphs else SFTTrainer
-        trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                             eval_dataset=Dataset.from_list(prep.val_rows) if prep.val_rows else None,
-                             processing_class=tokenizer, callbacks=[_JsonlLogger(tmp / "logs" / "metrics.jsonl")]
-                             + ([_ReleaseCpuMemory()] if not torch.cuda.is_available() else []),
-                             data_collator=speed.BucketCollator(tokenizer.pad_token_id, setting.micro_batch)
-                             if graphs else None)
-        if graphs:
-            speed.use_cuda_graphs(trainer)
-        start = time.perf_counter()
-        out = trainer.train()
-        runtime = time.perf_counter() - start
-        val = trainer.evaluate() if prep.val_rows else {}
-        trainer.model.save_pretrained(tmp / "adapter")
-        tokenizer.save_pretrained(tmp / "adapter")
-        trainer.state.save_to_json(str(tmp / "logs" / "trainer_state.json"))
-        tokens = int(trainer.state.num_input_tokens_seen or 0)
-        metrics = {
-            "train_loss": out.training_loss,
-            "steps": trainer.state.global_step,
-            "runtime_s": round(runtime, 2),
-            "tokens_seen": tokens,
-            "tokens_per_s": round(tokens / runtime, 1) if runtime else None,
-            "trainable_params": trainable,
-            "total_params": total,
-            "base_model": base,
-            "compute_dtype": str(dtype).replace("torch.", ""),
-            "device": device_summary(),
-            "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available()
-            else None,
-            "data": {k: prep.report[k] for k in ("format", "examples", "validation_examples", "truncated",
-                                                 "response_lost", "loss_token_share", "skipped_bad_rows")},
-            "eval_loss": val.get("eval_loss"),
-            "peak_rss_gib": round(_peak_rss_gib(), 3),
-            "rss_before_model_gib": round(rss_before, 3),
-            "layout": setting.as_dict(),
-            "memory_estimate_gib": estimate,
-            "versions": _versions(),
-        }
-        write_json(tmp / "metrics.json", metrics)
-    return TrainResult(run_dir, out.training_loss, metrics["steps"], runtime, metrics)
+    write_json(tmp / "preflight.json", prep.report)
+    write_text(tmp / "preflight.md", preflight.summary(prep.report))
+    t = cfg.train
+    args = SFTConfig(
+        output_dir=str(tmp / "logs"),
+        per_device_train_batch_size=setting.micro_batch,
+        gradient_accumulation_steps=setting.accum,
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        warmup_steps=t.warmup_ratio,
+        lr_scheduler_type=t.lr_scheduler_type,
+        optim=setting.optim,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        gradient_checkpointing=setting.checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        logging_steps=t.logging_steps,
+        eval_strategy="steps" if prep.val_rows else "no",
+        eval_steps=t.eval_steps,
+        per_device_eval_batch_size=setting.micro_batch,
+        save_strategy="no",  # checkpoint.Checkpoints decides when, and seals each save
+        save_total_limit=2,  # a crash during one save leaves the one before whole
+        seed=t.seed,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu=not torch.cuda.is_available(),
+        report_to="none",
+        max_length=None if setting.padding_free else cfg.data.max_length,  # rows are already cut
+        padding_free=setting.padding_free and not graphs,  # graphs: lorapipe's bucketed padding-free batches
+        remove_unused_columns=not graphs,
+        use_liger_kernel=setting.liger,
+        completion_only_loss=cfg.data.completion_only_loss,
+        dataset_num_proc=None,
+        include_num_input_tokens_seen=True,
+        disable_tqdm=False,
+        **speed.async_args(setting.async_host),  # set only with CUDA graphs (preflight)
+    )
+    if args.n_gpu > 1:  # not launched distributed: the Trainer would wrap the model in DataParallel, which TRL refuses
+        log.warning("%d GPUs visible but not launched distributed: training on GPU %d only", args.n_gpu,
+                    torch.cuda.current_device())
+        args._n_gpu = 1
+    trainer_cls = speed.sft_trainer(setting.async_host) if graphs else SFTTrainer
+    saver = checkpoint.Checkpoints(t.save_steps, t.save_minutes)
+    trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                         eval_dataset=Dataset.from_list(prep.val_rows) if prep.val_rows else None,
+                         processing_class=tokenizer, callbacks=[_JsonlLogger(tmp / "logs" / "metrics.jsonl"), saver]
+                         + ([_ReleaseCpuMemory()] if not torch.cuda.is_available() else []),
+                         data_collator=speed.BucketCollator(tokenizer.pad_token_id, setting.micro_batch)
+                         if graphs else None)
+    saver.keep_dtypes(trainer.model)
+    if graphs:
+        speed.use_cuda_graphs(trainer)
+    start = time.perf_counter()
+    with saver.signals():
+        out = trainer.train(resume_from_checkpoint=str(resume.checkpoint) if resume.checkpoint else None)
+    runtime = time.perf_counter() - start
+    if saver.signal is not None:
+        name = signal.Signals(saver.signal).name
+        raise checkpoint.Stopped(
+            f"{name}: stopped at step {trainer.state.global_step} of {trainer.state.max_steps}, checkpoint saved in "
+            f"{tmp / 'logs'}\nresume with: {checkpoint.resume_command(tmp)}  (or your original command)",
+            128 + saver.signal)
+    val = trainer.evaluate() if prep.val_rows else {}
+    trainer.model.save_pretrained(tmp / "adapter")
+    tokenizer.save_pretrained(tmp / "adapter")
+    trainer.state.save_to_json(str(tmp / "logs" / "trainer_state.json"))
+    tokens = int(trainer.state.num_input_tokens_seen or 0) - resume.tokens
+    losses = [r["loss"] for r in _read_jsonl(tmp / "logs" / "metrics.jsonl") if "loss" in r]
+    train_loss = sum(losses) / len(losses) if resume.step and losses else out.training_loss  # the whole run's
+    metrics = {
+        "train_loss": train_loss,
+        "steps": trainer.state.global_step,
+        "runtime_s": round(runtime, 2),
+        "tokens_seen": tokens,
+        "tokens_per_s": round(tokens / runtime, 1) if runtime else None,
+        "resumed_from_step": resume.step or None,
+        "trainable_params": trainable,
+        "total_params": total,
+        "base_model": base,
+        "compute_dtype": str(dtype).replace("torch.", ""),
+        "device": device_summary(),
+        "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available()
+        else None,
+        "data": {k: prep.report[k] for k in ("format", "examples", "validation_examples", "truncated",
+                                             "response_lost", "loss_token_share", "skipped_bad_rows")},
+        "eval_loss": val.get("eval_loss"),
+        "peak_rss_gib": round(_peak_rss_gib(), 3),
+        "rss_before_model_gib": round(rss_before, 3),
+        "layout": setting.as_dict(),
+        "memory_estimate_gib": estimate,
+        "versions": _versions(),
+    }
+    write_json(tmp / "metrics.json", metrics)
+    checkpoint.finish(tmp)
+    promote(tmp, run_dir, overwrite=overwrite)
+    return TrainResult(run_dir, train_loss, metrics["steps"], runtime, metrics)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
 
 
 def _versions() -> dict[str, str]:

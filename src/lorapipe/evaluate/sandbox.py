@@ -1,8 +1,12 @@
 """Run untrusted generated code: one subprocess per candidate, isolated in layers, always cleaned up.
 
 Layers, strongest first (each is used when the machine allows it; `isolation()` says which are active):
-  1. `unshare --net --pid --fork --kill-child`: no network (a fresh, empty network namespace), and the candidate is
-     PID 1 of its own PID namespace, so when it exits or is killed the kernel kills everything it forked.
+  1. bubblewrap (`bwrap`, Debian's package): its own mount namespace with the host filesystem read-only, private
+     empty /tmp, /var/tmp and /dev/shm, only the candidate's folder writable; no network (an empty network
+     namespace); its own PID namespace, so everything it forked dies with it; and it dies with its parent. Native
+     code (ctypes, system(), a forked daemon) meets the kernel's walls, not Python's. Without bwrap:
+     `unshare --net --pid --fork --kill-child` gives the network and PID layers only, and files outside the folder
+     are guarded by layer 2 alone (world-writable places stay writable).
   2. as root: `setpriv` drops to the unprivileged `nobody` user, so files outside the candidate's temp dir cannot be
      written or deleted, and RLIMIT_NPROC (ignored for root) bounds fork bombs.
   3. resource limits: CPU seconds, address space, file size (which also caps output), open files, processes.
@@ -97,30 +101,52 @@ def _works(cmd: list[str]) -> bool:
         return False
 
 
+def _bwrap(bwrap: str, root: bool, work: str) -> list[str]:
+    """bubblewrap around one candidate whose folder is `work` (bound writable at its own path)."""
+    cmd = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+           "--perms", "1777", "--tmpfs", "/tmp", "--perms", "1777", "--tmpfs", "/var/tmp",
+           "--perms", "1777", "--tmpfs", "/dev/shm", "--bind", work, work, "--chdir", work,
+           "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--die-with-parent", "--new-session"]
+    # as root: keep only what setpriv needs to drop to `nobody` (it clears them again); else a user namespace
+    return cmd + (["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"] if root else ["--unshare-user"])
+
+
+def _unshare(unshare: str | None, root: bool) -> list[str]:
+    """The network + PID layer without bubblewrap, if the machine allows it."""
+    if not unshare:
+        return []
+    ns = [unshare, "--net", "--pid", "--fork", "--kill-child"] + ([] if root else ["--map-root-user"])
+    return ns if _works([*ns, "true"]) else []
+
+
 @functools.lru_cache(maxsize=1)
 def isolation() -> dict[str, object]:
     """Probe once which layers this machine allows, and the interpreter the candidate runs under."""
-    unshare = shutil.which("unshare")
     setpriv = shutil.which("setpriv")
+    bwrap = shutil.which("bwrap")
     root = os.geteuid() == 0
-    prefix: list[str] = []
-    if unshare:
-        ns = [unshare, "--net", "--pid", "--fork", "--kill-child"]
-        if not root:
-            ns.insert(1, "--map-root-user")
-        if _works([*ns, "true"]):
-            prefix = ns
     drop: list[str] = []
     if root and setpriv:
-        drop = [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+        drop = [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--inh-caps=-all",
+                "--bounding-set=-all"]
     python = sys.executable
     candidates = [sys.executable, "/usr/bin/python3", shutil.which("python3") or ""]
     if drop:  # the interpreter must be usable by `nobody` (a venv under /root may not be)
         python = next((p for p in candidates if p and _works([*drop, p, "-c", "pass"])), "")
         if not python:
             drop, python = [], sys.executable
-    return {"namespaces": bool(prefix), "drop_privileges": bool(drop), "python": python,
-            "prefix": prefix + drop}
+    probe = [*_bwrap(bwrap, root, tempfile.gettempdir()), *drop, python, "-c", "pass"] if bwrap else []
+    filesystem = bool(probe) and _works(probe)
+    prefix = [bwrap] if filesystem else _unshare(shutil.which("unshare"), root)
+    return {"namespaces": bool(prefix), "filesystem": filesystem, "drop_privileges": bool(drop), "python": python,
+            "prefix": prefix, "drop": drop}
+
+
+def _command(iso: dict[str, object], work: Path) -> list[str]:
+    prefix = list(iso["prefix"])
+    if iso["filesystem"]:
+        prefix = _bwrap(prefix[0], os.geteuid() == 0, str(work))
+    return [*prefix, *iso["drop"], str(iso["python"]), "-I", "main.py"]
 
 
 def _preexec(limits: Limits, dropping: bool):
@@ -178,7 +204,7 @@ def run_code(code: str, limits: Limits | None = None) -> Outcome:
                 os.chown(f, NOBODY, NOBODY)
         env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp), "TMPDIR": str(tmp), "LANG": "C.UTF-8",
                "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0"}
-        cmd = [*iso["prefix"], iso["python"], "-I", "main.py"]
+        cmd = _command(iso, tmp)
         start = time.monotonic()
         with (tmp / ".stdout").open("wb") as out, (tmp / ".stderr").open("wb") as err:
             proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,

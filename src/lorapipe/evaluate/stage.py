@@ -196,7 +196,12 @@ def run(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> EvalRes
     metrics: dict[str, Any] = {"run": str(run_dir), "base_model": p.base, "generator": generator,
                                "k": cfg.eval.k, "samples": cfg.eval.samples,
                                "sample_temperature": cfg.eval.sample_temperature, "max_tokens": cfg.eval.max_tokens,
-                               "sandbox": {k: v for k, v in isolation().items() if k != "prefix"}, "sets": {}}
+                               "sandbox": {k: v for k, v in isolation().items() if k not in ("prefix", "drop")},
+                               "sets": {}}
+    if not isolation()["filesystem"]:
+        log.warning("sandbox: no mount namespace on this machine (install bubblewrap: apt-get install bubblewrap); "
+                    "candidates run with the host filesystem writable wherever %s may write",
+                    "`nobody`" if isolation()["drop_privileges"] else "this user")
     rows: dict[str, list] = {}
     t1 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
