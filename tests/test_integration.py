@@ -268,3 +268,43 @@ def test_bench_serve_prints_the_table(tmp_path):
     assert rows["vllm-base"]["output_tokens"] == 4 * 8  # EOS ignored: every prompt gets its full answer
     assert rows["online-lora8-c2"]["failed"] == 0 and rows["online-lora8-c2"]["ttft_p50_ms"] > 0
     assert rows["vllm-lora1"]["vs_base"] > 0 and "Serving smollm2-135m" in r.stdout
+
+
+def test_run_pipeline_resumes_an_interrupted_stage_and_then_does_no_work(tmp_path, monkeypatch, capsys):
+    """`lorapipe run`: eval crashes -> the rerun does eval alone -> a third run does nothing at all."""
+    from lorapipe import cli, evaluate, merge, pipeline, preflight, train, verify
+
+    config = tmp_path / "pipe.yaml"
+    config.write_text(f"name: pipe\noutput_dir: {tmp_path / 'runs'}\n"
+                      "data: {max_examples: 8, max_length: 256}\n"
+                      "train: {max_steps: 2, per_device_train_batch_size: 4, gradient_accumulation_steps: 1}\n"
+                      "verify: {num_prompts: 2, max_tokens: 8, vllm: false, min_stop_share: 0.0}\n"
+                      "eval: {heldout_limit: 2, humaneval: false, samples: 0, max_tokens: 24}\n"
+                      "serve: {max_model_len: 1024}\n")
+    real_eval = evaluate.run
+    monkeypatch.setattr(evaluate, "run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("killed during eval")))
+    with pytest.raises(RuntimeError, match="killed during eval"):  # an unexpected crash propagates, as a kill would
+        cli.main(["-q", "run", str(config)])
+    run_dir = tmp_path / "runs" / "pipe"
+    stages = json.loads((run_dir / pipeline.MANIFEST).read_text())["stages"]
+    assert [stages[s]["state"] for s in ("train", "merge", "verify")] == ["done"] * 3
+    assert stages["eval"]["state"] == "failed" and "killed during eval" in stages["eval"]["error"]
+
+    monkeypatch.setattr(evaluate, "run", real_eval)
+    calls = []
+    for mod, name in ((preflight, "run"), (train, "run"), (merge, "run"), (verify, "run")):
+        monkeypatch.setattr(mod, name, lambda *a, _n=f"{mod.__name__}.{name}", **k: calls.append(_n))
+    assert cli.main(["-q", "run", str(config)]) == 0
+    assert calls == []  # only eval ran
+    stages = json.loads((run_dir / pipeline.MANIFEST).read_text())["stages"]
+    assert stages["eval"]["state"] == "done" and (run_dir / "eval" / "metrics.json").is_file()
+
+    monkeypatch.setattr(evaluate, "run", lambda *a, **k: calls.append("evaluate.run"))
+    capsys.readouterr()
+    assert cli.main(["run", str(config)]) == 0
+    assert calls == []  # nothing at all
+    out = capsys.readouterr().out
+    assert out.count("skipped") == 5 and " ran " not in out
+    # a changed training setting is refused; a changed eval setting would rerun eval alone
+    assert cli.main(["run", str(config), "--lora.r", "8"]) == 2
+    assert "lora.r: 16 in the run, 8 now" in capsys.readouterr().err

@@ -219,7 +219,7 @@ def test_refuses_a_taken_port_and_a_gpu_without_the_memory(tiny_run, monkeypatch
 def test_generate_refuses_a_prompt_longer_than_the_engine_takes(tiny_run, tmp_path):
     prompts = tmp_path / "long.jsonl"
     prompts.write_text('{"prompt": "short"}\n' + json.dumps({"prompt": "def f(x): return x " * 400}) + "\n")
-    with pytest.raises(UserError, match=r"long.jsonl:2: the prompt has \d+ tokens, and serve.max_model_len is 256"):
+    with pytest.raises(UserError, match=r"long.jsonl:2: the prompt has \d+ tokens, and the engine takes 256 \(serve.max_model_len"):
         serve.generate(tiny_run, str(prompts), {"serve.max_model_len": 256})
 
 

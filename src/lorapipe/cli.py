@@ -54,6 +54,34 @@ def cmd_train(ns: argparse.Namespace) -> None:
     print(f"run directory: {r.run_dir}  (adapter/, config.yaml, metrics.json, logs/)")
 
 
+def cmd_run(ns: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from lorapipe import pipeline
+
+    cfg = load_config(ns.config, _overrides(ns))
+
+    def show(r) -> None:
+        table = Table(title=f"lorapipe run: {r.run_dir}  (stage states: {r.run_dir / pipeline.MANIFEST})")
+        for col in ("stage", "state", "seconds", "result"):
+            table.add_column(col)
+        for st in r.stages:
+            table.add_row(st["stage"], st["state"], f"{st['seconds']:.1f}", st["note"])
+        Console().print(table)
+
+    def ready(server, p) -> None:
+        print(f"\nOpenAI-compatible server: {server.url}/v1   (Ctrl-C, SIGTERM or SIGHUP stops it)")
+        for name, what in p.routes():
+            print(f"  {name:<24} {what}", flush=True)
+
+    r = pipeline.run(cfg, serve=ns.serve, force=ns.force, restart=ns.restart, on_ready=ready if ns.serve else None)
+    show(r)
+    if not r.passed:
+        print(f"verify FAILED: see {r.run_dir / 'verify.md'}; eval and serve were skipped", file=sys.stderr)
+    return 0 if r.passed else 1
+
+
 def cmd_preflight(ns: argparse.Namespace) -> int:
     from lorapipe import preflight
     from lorapipe.runs import write_json, write_text
@@ -250,6 +278,14 @@ VERBS = {
         p.add_argument("--restart", action="store_true", help="an interrupted run of this name "
                        "(runs/<name>.incomplete/) is deleted and trained from step 0 instead of resumed"),
         _add_section_flags(p, list(SECTIONS), top_level=True)), cmd_train),
+    "run": ("the whole pipeline, resumable: preflight -> train -> merge -> verify -> eval (-> serve); stages already "
+            "done for this config are skipped, an interrupted one is resumed", lambda p: (
+        p.add_argument("config", nargs="?", help="YAML config (omit for all defaults)"),
+        p.add_argument("--serve", action="store_true", help="then serve the run (until Ctrl-C/SIGTERM)"),
+        p.add_argument("--force", action="store_true", help="train even when preflight finds a problem"),
+        p.add_argument("--restart", action="store_true", help="redo every stage: training from step 0 (deletes "
+                       "runs/<name>.incomplete/ and replaces runs/<name>/)"),
+        _add_section_flags(p, list(SECTIONS), top_level=True)), cmd_run),
     "preflight": ("check the data before training: lengths, truncation, loss share, EOS, rendered examples, "
                   "memory estimate, steps; exit 1 on a problem", lambda p: (
         p.add_argument("config", nargs="?", help="YAML config (omit for all defaults)"),

@@ -249,13 +249,27 @@ def eager(s: ServeCfg) -> bool:
     return not torch.cuda.is_available() if s.enforce_eager is None else s.enforce_eager
 
 
+def max_model_len(p: Plan) -> int:
+    """serve.max_model_len, but no longer than the model's positions (vLLM refuses a longer one at engine start,
+    with a traceback): the default 2048 on a model trained for 1024 positions serves 1024."""
+    try:
+        limit = json.loads((Path(p.base) / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError):
+        limit = None
+    if isinstance(limit, int) and limit < p.serve.max_model_len:
+        log.info("serve.max_model_len %d is beyond the model's %d positions: serving %d", p.serve.max_model_len,
+                 limit, limit)
+        return limit
+    return p.serve.max_model_len
+
+
 def engine_kwargs(p: Plan) -> dict[str, Any]:
     """Arguments for vllm.LLM (offline) — the same settings the server gets as flags.
 
     LoRA goes only on the modules the adapters train (vLLM otherwise wraps every linear layer and runs the LoRA
     kernels on all of them), and as many adapters share a batch as are served (a smaller max_loras makes mixed
     traffic wait for adapter swaps)."""
-    kw: dict[str, Any] = dict(model=p.base, max_model_len=p.serve.max_model_len, dtype=p.dtype,
+    kw: dict[str, Any] = dict(model=p.base, max_model_len=max_model_len(p), dtype=p.dtype,
                               gpu_memory_utilization=p.serve.gpu_memory_utilization, seed=0,
                               enforce_eager=eager(p.serve))
     if p.adapters:
@@ -415,11 +429,13 @@ def generate(run_dir: str | Path, prompts_path: str, overrides: dict[str, Any] |
     prompts = data_mod.load_prompts(prompts_path)
     texts = data_mod.prompts_for(prompts, cfg.data, run_dir / "adapter")
     tok = AutoTokenizer.from_pretrained(run_dir / "adapter")
+    limit = max_model_len(p)
     for i, t in enumerate(texts, 1):
         n = len(tok(t)["input_ids"])
-        if n >= p.serve.max_model_len:
-            raise UserError(f"{prompts_path}:{i}: the prompt has {n} tokens, and serve.max_model_len is "
-                            f"{p.serve.max_model_len}: shorten it, or raise --serve.max_model_len")
+        if n >= limit:
+            raise UserError(f"{prompts_path}:{i}: the prompt has {n} tokens, and the engine takes {limit} "
+                            f"(serve.max_model_len, at most the model's positions): shorten it"
+                            + (", or raise --serve.max_model_len" if limit == p.serve.max_model_len else ""))
     with engine(p) as llm:
         lora = lora_request(p, p.adapters[0]) if p.adapters else None
         outs = complete(llm, texts, sampling(cfg.eval.max_tokens, cfg.eval.temperature), lora)
