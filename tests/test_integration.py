@@ -308,3 +308,21 @@ def test_run_pipeline_resumes_an_interrupted_stage_and_then_does_no_work(tmp_pat
     # a changed training setting is refused; a changed eval setting would rerun eval alone
     assert cli.main(["run", str(config), "--lora.r", "8"]) == 2
     assert "lora.r: 16 in the run, 8 now" in capsys.readouterr().err
+
+
+def test_server_under_hostile_requests_and_concurrent_clients(smol_run, tmp_path):
+    """The CI size of `lorapipe bench abuse`: every hostile kind 5 times, then 16 clients over base + 2 adapters."""
+    from lorapipe import bench_abuse
+
+    r = bench_abuse.run(smol_run, tmp_path / "abuse", hostile=5 * 22, clients=16, requests=32, port=free_port(),
+                        max_tokens=8, huge=20_000)
+    assert r.server_5xx == 0 and r.errors == 0 and r.alive_after, r.rows
+    hostile = {row["what"]: row["answers"] for row in r.rows if row["phase"] == "hostile"}
+    assert len(hostile) == 23  # 22 kinds + the total
+    for kind, answers in hostile.items():
+        if kind in ("cut-off request", "vanish mid-stream"):
+            assert answers == "no answer (by design) x5"
+        elif kind != "TOTAL":
+            assert answers == "4xx x5", (kind, answers)  # refused as the client's fault, never served, never 5xx
+    load = [row for row in r.rows if row["phase"] == "load"]
+    assert len(load) == 1 and "complete x32, failed x0" in load[0]["answers"]

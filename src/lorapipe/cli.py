@@ -155,6 +155,8 @@ def cmd_bench(ns: argparse.Namespace) -> None:
 
     if ns.what == "serve":
         return _bench_serve(ns)
+    if ns.what == "abuse":
+        return _bench_abuse(ns)
     if ns.what == "eval":
         if not ns.run:
             raise UserError("bench eval needs a run directory: lorapipe bench eval runs/<name>")
@@ -182,6 +184,26 @@ def cmd_bench(ns: argparse.Namespace) -> None:
         from lorapipe.runs import write_json
 
         write_json(Path(ns.json), {"rows": rows})
+
+
+def _bench_abuse(ns: argparse.Namespace) -> int:
+    import tempfile
+
+    from lorapipe import bench_abuse
+    from lorapipe.runs import write_json
+
+    if not ns.run:
+        raise UserError("bench abuse needs a run directory: lorapipe bench abuse runs/<name>")
+    work = Path(ns.workdir) if ns.workdir else Path(tempfile.mkdtemp(prefix="lorapipe-bench-abuse-"))
+    r = bench_abuse.run(Path(ns.run), work, hostile=ns.hostile, clients=int(ns.concurrency or 64),
+                        requests=ns.requests, port=ns.port, overrides=_overrides(ns))
+    bench_abuse.print_table(r)
+    if ns.json:
+        write_json(Path(ns.json), {"rows": r.rows, "server_5xx": r.server_5xx, "errors": r.errors,
+                                   "alive_after": r.alive_after})
+    ok = r.server_5xx == 0 and r.errors == 0 and r.alive_after
+    print("PASS: no 5xx, no failed request, the server still answers" if ok else "FAIL: see the table")
+    return 0 if ok else 1
 
 
 def _bench_serve(ns: argparse.Namespace) -> None:
@@ -305,8 +327,11 @@ VERBS = {
              lambda p: (p.add_argument("run"), _add_section_flags(p, ["eval", "serve"])), cmd_eval),
     "bench": ("benchmarks that print a table: `bench eval RUN` (HumanEval greedy timing), `bench train` "
               "(tutorial recipe vs lorapipe settings), `bench parity` (losses on SmolLM2 + real data), `bench serve` "
-              "(transformers vs vLLM: base, merged, adapters; offline and over HTTP)", lambda p: (
-        p.add_argument("what", choices=["eval", "train", "parity", "serve"]), p.add_argument("run", nargs="?"),
+              "(transformers vs vLLM: base, merged, adapters; offline and over HTTP), `bench abuse RUN` (the server under hostile "
+              "requests and concurrent clients: 0 5xx, 0 failures)", lambda p: (
+        p.add_argument("what", choices=["eval", "train", "parity", "serve", "abuse"]), p.add_argument("run", nargs="?"),
+        p.add_argument("--hostile", type=int, default=1000, help="abuse: malformed or hostile requests to send"),
+        p.add_argument("--requests", type=int, default=192, help="abuse: chat requests of the load phase"),
         p.add_argument("--limit", type=int, default=None, help="eval: only the first N tasks"),
         p.add_argument("--shapes", default=None, help="train: model shapes (tinyllama-1.1b,llama3-8b; default "
                        "tinyllama-1.1b); serve: also smollm2-135m (default on CPU)"),
@@ -314,7 +339,7 @@ VERBS = {
         p.add_argument("--prompts", type=int, default=None, help="serve: prompts (GPU default 256, CPU 16)"),
         p.add_argument("--input-len", default=None, help="serve: prompt tokens LO:HI (GPU 100:1024, CPU 32:256)"),
         p.add_argument("--output-len", type=int, default=None, help="serve: generated tokens (GPU 256, CPU 32)"),
-        p.add_argument("--concurrency", default=None, help="serve: online client concurrencies (GPU 1,16,64,256)"),
+        p.add_argument("--concurrency", default=None, help="serve: online client concurrencies (GPU 1,16,64,256); abuse: clients (64)"),
         p.add_argument("--hf-batch", type=int, default=None, help="serve: transformers static batch (GPU 32)"),
         p.add_argument("--port", type=int, default=8000, help="serve: port of the online rows' server"),
         p.add_argument("--settings", default="tutorial,speed,memory", help="train/parity: settings to compare "
