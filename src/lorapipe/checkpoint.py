@@ -120,7 +120,7 @@ def prepare(cfg: RunCfg, data_sha: str, restart: bool) -> Resume:
     return Resume(folder, ckpt, _step(ckpt), int(state.get("num_input_tokens_seen") or 0))
 
 
-def _flat(cfg: dict[str, Any]) -> dict[str, Any]:
+def training_fields(cfg: dict[str, Any]) -> dict[str, Any]:
     """The fields that decide what is trained, as dotted names."""
     return {f"{s}.{k}": v for s in SECTIONS for k, v in (cfg.get(s) or {}).items() if f"{s}.{k}" not in FREE}
 
@@ -142,7 +142,7 @@ def _check_same(folder: Path, cfg: RunCfg, data_sha: str) -> None:
     if diff:
         raise UserError(f"{progress_path}: the run began under other versions ({', '.join(diff)}), and its "
                         f"checkpoints may not load the same way; {how}")
-    old, new = _flat(old_cfg), _flat(cfg.model_dump(mode="json"))
+    old, new = training_fields(old_cfg), training_fields(cfg.model_dump(mode="json"))
     changed = [f"{k}: {old.get(k)!r} in the run, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
                if old.get(k) != new.get(k)]
     if changed:
@@ -285,13 +285,24 @@ class Checkpoints(TrainerCallback):
         self.last = time.monotonic()
 
     def on_step_end(self, args, state, control, **kw):
-        if self.signal is not None:
-            control.should_save = control.should_training_stop = True
-        elif state.global_step < state.max_steps and (
-                state.global_step % self.every == 0
-                or (self.save_minutes and time.monotonic() - self.last >= self.save_minutes * 60)):
-            control.should_save = True
+        stop = self.signal is not None
+        save = stop or (state.global_step < state.max_steps and (
+            state.global_step % self.every == 0
+            or bool(self.save_minutes and time.monotonic() - self.last >= self.save_minutes * 60)))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every process saves and stops at the same step: a signal may reach them at different steps, and
+            # their clocks differ
+            flags = torch.tensor([int(save), int(stop)], device=args.device)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            save, stop = bool(flags[0]), bool(flags[1])
+            if stop and self.signal is None:
+                self.signal = signal.SIGTERM  # another process was told to stop
+        control.should_save = control.should_save or save
+        control.should_training_stop = control.should_training_stop or stop
 
     def on_save(self, args, state, control, **kw):
-        seal(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every process has written its part (its RNG state) before the seal
+        if state.is_world_process_zero:
+            seal(Path(args.output_dir) / f"checkpoint-{state.global_step}")
         self.last = time.monotonic()

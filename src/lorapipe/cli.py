@@ -44,11 +44,17 @@ def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
 # Verbs: each parses its arguments into one stage call and prints where the result is.
 
 
-def cmd_train(ns: argparse.Namespace) -> None:
-    from lorapipe import train
+def cmd_train(ns: argparse.Namespace) -> int | None:
+    from lorapipe import launch, train
 
     cfg = load_config(ns.config, _overrides(ns))
+    n = launch.wanted(cfg)
+    if n:
+        print(f"training in {n} data-parallel processes (torchrun; train.processes)", flush=True)
+        return launch.train(cfg, n, overwrite=ns.overwrite, force=ns.force, restart=ns.restart)
     r = train.run(cfg, overwrite=ns.overwrite, force=ns.force, restart=ns.restart)
+    if int(os.environ.get("RANK", "0")) > 0:
+        return None
     resumed = f" (resumed at step {r.metrics['resumed_from_step']})" if r.metrics.get("resumed_from_step") else ""
     print(f"\ntrained {r.steps} steps{resumed} in {r.runtime_s:.0f}s, train loss {r.train_loss:.4f}")
     print(f"run directory: {r.run_dir}  (adapter/, config.yaml, metrics.json, logs/)")
@@ -397,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown option {unknown[0]}" + (f" (did you mean {hint[0]}?)" if hint else
               f"; see `lorapipe {ns.verb} --help`"), file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.WARNING if ns.quiet else logging.INFO,
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun, rank 0 speaks for all
+    logging.basicConfig(level=logging.WARNING if ns.quiet or rank > 0 else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from lorapipe.checkpoint import Stopped
@@ -405,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = ns.fn(ns)
     except Stopped as exc:
-        print(f"stopped: {exc}", file=sys.stderr)
+        if rank == 0:
+            print(f"stopped: {exc}", file=sys.stderr)
         return exc.code
     except UserError as exc:
         if ns.debug:

@@ -61,8 +61,8 @@ def _trained_with(run_dir: Path, cfg: RunCfg) -> list[str]:
     """Training fields in which the finished run differs from `cfg` (data.format as resolved by train)."""
     import yaml
 
-    old = checkpoint._flat(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
-    new = checkpoint._flat(cfg.model_dump(mode="json"))
+    old = checkpoint.training_fields(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
+    new = checkpoint.training_fields(cfg.model_dump(mode="json"))
     if new.get("data.format") == "auto":
         new["data.format"] = old.get("data.format")
     return [f"{k}: {old.get(k)!r} in the run, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
@@ -72,7 +72,7 @@ def _trained_with(run_dir: Path, cfg: RunCfg) -> list[str]:
 def run(cfg: RunCfg, serve: bool = False, force: bool = False, restart: bool = False,
         on_ready=None) -> PipelineResult:
     """Run every stage that is not already done for this config; `restart` redoes them all (training from step 0)."""
-    from lorapipe import evaluate, merge, preflight, train, verify
+    from lorapipe import evaluate, launch, merge, preflight, train, verify
 
     run_dir = cfg.run_dir()
     manifest_path = run_dir / MANIFEST
@@ -133,12 +133,21 @@ def run(cfg: RunCfg, serve: bool = False, force: bool = False, restart: bool = F
                                   else f"{len(report['problems'])} problem(s), --force"})
         log.info("=== train")
         t = time.perf_counter()
-        r = train.run(cfg, overwrite=restart, force=True, restart=restart)  # preflight has just been checked
-        resumed = r.metrics.get("resumed_from_step")
-        records = {"train": {"state": "done", "seconds": round(time.perf_counter() - t, 1),
-                             "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}}  # a new adapter: the rest is stale
+        n = launch.wanted(cfg)
+        if n:  # several GPUs: the same stage in n processes under torchrun
+            rc = launch.train(cfg, n, overwrite=restart, force=True, restart=restart)
+            if rc:
+                raise checkpoint.Stopped(f"training in {n} processes exited with {rc}; `lorapipe run` again resumes "
+                                         f"it from its last checkpoint", rc)
+            m = json.loads((run_dir / "metrics.json").read_text())
+        else:
+            m = train.run(cfg, overwrite=restart, force=True, restart=restart).metrics  # preflight just checked
+        resumed = m.get("resumed_from_step")
+        records = {"preflight": {"state": "done"},  # a new adapter: every later stage is stale
+                   "train": {"state": "done", "seconds": round(time.perf_counter() - t, 1),
+                             "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}}
         result.stages.append({"stage": "train", "state": "ran", "seconds": records["train"]["seconds"],
-                              "note": f"{r.steps} steps, loss {r.train_loss:.4f}"
+                              "note": f"{m['steps']} steps, loss {m['train_loss']:.4f}"
                               + (f", resumed at step {resumed}" if resumed else "")})
 
     adapter_sha = _sha_file(run_dir / "adapter" / "adapter_model.safetensors")

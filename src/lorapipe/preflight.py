@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,8 +43,15 @@ class Prepared:
     report: dict[str, Any]  # report["problems"]: what makes training pointless (train refuses unless forced)
 
 
+def processes(cfg: RunCfg) -> int:
+    """Data-parallel processes: torchrun's WORLD_SIZE inside a launch, else train.processes."""
+    if os.environ.get("WORLD_SIZE"):
+        return int(os.environ["WORLD_SIZE"])
+    return cfg.train.processes
+
+
 def layout(cfg: RunCfg, base: str, rows: list[dict], dtype: torch.dtype) -> tuple[speed.Setting, dict[str, float]]:
-    """The mode's Setting for this run, and its estimated peak memory (GiB, by part)."""
+    """The mode's Setting for each process of this run, and its estimated peak memory (GiB, by part, per GPU)."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(base, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
@@ -71,6 +79,7 @@ def layout(cfg: RunCfg, base: str, rows: list[dict], dtype: torch.dtype) -> tupl
     elif t.cuda_graphs:
         log.warning("train.cuda_graphs applies to speed mode on CUDA; this run is %s mode%s: ignored",
                     setting.mode, "" if cuda else " on CPU")
+    setting = speed.per_process(setting, processes(cfg))
     est = estimate(setting)
     if free is not None:
         est["gpu_free"] = round(free, 2)
@@ -144,8 +153,8 @@ def prepare(cfg: RunCfg) -> Prepared:
         "text" else 0,
         "ending_with_eos": sum(bool(r["input_ids"]) and r["input_ids"][-1] == eos for r in rows),
         "examples_rendered": [_rendered(tokenizer, rows[i], completion_only) for i in keep[:2]],
-        "layout": setting.as_dict(), "memory_estimate_gib": estimate, "device": "cuda" if torch.cuda.is_available()
-        else "cpu", "effective_batch": per_step, "steps": steps,
+        "layout": setting.as_dict(), "processes": processes(cfg), "memory_estimate_gib": estimate,
+        "device": "cuda" if torch.cuda.is_available() else "cpu", "effective_batch": per_step, "steps": steps,
     }
     problems = []
     if loss_tokens == 0:
@@ -179,7 +188,8 @@ def summary(report: dict[str, Any]) -> str:
         "response",
         f"- loss on the {r['loss_on']}: {r['loss_tokens']} of {r['tokens']} tokens ({r['loss_token_share']:.1%}); "
         f"{r['ending_with_eos']} of {r['examples']} examples end with EOS",
-        f"- layout (train.mode): {lay['mode']}, micro-batch {lay['micro_batch']} x {lay['accum']}, checkpointing "
+        f"- layout (train.mode): {lay['mode']}, micro-batch {lay['micro_batch']} x {lay['accum']}"
+        + (f" per process x {r['processes']} processes" if r.get("processes", 1) > 1 else "") + ", checkpointing "
         f"{lay['checkpointing']}, padding-free {lay['padding_free']}, optimizer {lay['optim']}"
         + (f", compiled: {lay['compile']} (CUDA graphs)" if lay["compile"] else ""),
         f"- estimated peak memory on {r['device']}: {mem['total']:.2f} GiB (weights {mem['weights']:.2f}, "

@@ -23,7 +23,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import types
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -315,6 +315,25 @@ class Setting:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def per_process(setting: Setting, world: int) -> Setting:
+    """The layout of each of `world` data-parallel processes that together keep the effective batch.
+
+    The effective batch E = micro-batch x accumulation must split evenly: each process then runs E / world examples
+    a step, in the largest micro-batch (at most the single-process one) that divides them."""
+    from lorapipe.errors import UserError
+
+    total = setting.micro_batch * setting.accum
+    if world <= 1:
+        return setting
+    if total % world:
+        raise UserError(f"train.processes: the effective batch {setting.micro_batch} x {setting.accum} = {total} "
+                        f"does not split over {world} processes; use a batch divisible by {world}, or "
+                        f"--train.processes {max(d for d in range(1, world) if total % d == 0)}")
+    share = total // world
+    micro = max(d for d in range(1, min(setting.micro_batch, share) + 1) if share % d == 0)
+    return replace(setting, micro_batch=micro, accum=share // micro)
 
 
 def _shape(config) -> dict:

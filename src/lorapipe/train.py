@@ -7,6 +7,7 @@ the next `lorapipe train` of the same config resumes from its last whole checkpo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -45,7 +46,7 @@ class _JsonlLogger(TrainerCallback):
         self.path = path
 
     def on_log(self, args, state, control, logs=None, **kw):
-        if logs:
+        if logs and state.is_world_process_zero:  # the logged loss is already the mean over processes
             mem = ({"gpu_peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)} if torch.cuda.is_available()
                    else {"rss_gib": round(_current_rss_gib(), 3), "rss_peak_gib": round(_peak_rss_gib(), 3)})
             with self.path.open("a", encoding="utf-8") as f:
@@ -124,7 +125,14 @@ def run(cfg: RunCfg, overwrite: bool = False, force: bool = False, restart: bool
     run_dir = cfg.run_dir()
     if run_dir.exists() and not overwrite:
         raise UserError(f"{run_dir}: already exists; pick another --name or pass --overwrite")
-    prep = preflight.prepare(cfg)
+    state = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun (lorapipe.launch): join its process group
+        from accelerate import PartialState
+
+        state = PartialState(cpu=not torch.cuda.is_available())  # gloo on CPU, NCCL on GPUs (sets the rank's GPU)
+    main = state is None or state.is_main_process
+    with state.main_process_first() if state is not None else contextlib.nullcontext():
+        prep = preflight.prepare(cfg)  # rank 0 first: it converts and caches the embedded model once
     log.info("preflight:\n%s", preflight.summary(prep.report))
     preflight.check(prep, force)
     cfg.data.format = prep.format  # the resolved format: later stages render prompts the same way
@@ -134,7 +142,12 @@ def run(cfg: RunCfg, overwrite: bool = False, force: bool = False, restart: bool
                     cfg.data.max_length, prep.report["response_lost"])
     base, dtype, tokenizer, rows, setting, estimate = (prep.base, prep.dtype, prep.tokenizer, prep.rows,
                                                          prep.setting, prep.estimate)
-    resume = checkpoint.prepare(cfg, checkpoint.fingerprint(rows), restart)
+    if main:  # rank 0 makes or checks the in-progress folder; the others then read it
+        resume = checkpoint.prepare(cfg, checkpoint.fingerprint(rows), restart)
+    if state is not None:
+        state.wait_for_everyone()
+    if not main:
+        resume = checkpoint.prepare(cfg, checkpoint.fingerprint(rows), False)
     tmp = resume.folder
 
     from datasets import Dataset
@@ -159,8 +172,9 @@ def run(cfg: RunCfg, overwrite: bool = False, force: bool = False, restart: bool
         speed.compile_model(model, setting.compile)
     trainable, total = model.get_nb_trainable_parameters()
 
-    write_json(tmp / "preflight.json", prep.report)
-    write_text(tmp / "preflight.md", preflight.summary(prep.report))
+    if main:
+        write_json(tmp / "preflight.json", prep.report)
+        write_text(tmp / "preflight.md", preflight.summary(prep.report))
     t = cfg.train
     args = SFTConfig(
         output_dir=str(tmp / "logs"),
@@ -198,8 +212,8 @@ def run(cfg: RunCfg, overwrite: bool = False, force: bool = False, restart: bool
         **speed.async_args(setting.async_host),  # set only with CUDA graphs (preflight)
     )
     if args.n_gpu > 1:  # not launched distributed: the Trainer would wrap the model in DataParallel, which TRL refuses
-        log.warning("%d GPUs visible but not launched distributed: training on GPU %d only", args.n_gpu,
-                    torch.cuda.current_device())
+        log.warning("%d GPUs visible: training on GPU %d only (--train.processes %d trains data-parallel on all "
+                    "of them)", args.n_gpu, torch.cuda.current_device(), args.n_gpu)
         args._n_gpu = 1
     trainer_cls = speed.sft_trainer(setting.async_host) if graphs else SFTTrainer
     saver = checkpoint.Checkpoints(t.save_steps, t.save_minutes)
@@ -223,6 +237,8 @@ def run(cfg: RunCfg, overwrite: bool = False, force: bool = False, restart: bool
             f"{tmp / 'logs'}\nresume with: {checkpoint.resume_command(tmp)}  (or your original command)",
             128 + saver.signal)
     val = trainer.evaluate() if prep.val_rows else {}
+    if not main:  # rank 0 writes the run directory, once
+        return TrainResult(run_dir, out.training_loss, trainer.state.global_step, runtime, {})
     trainer.model.save_pretrained(tmp / "adapter")
     tokenizer.save_pretrained(tmp / "adapter")
     trainer.state.save_to_json(str(tmp / "logs" / "trainer_state.json"))
@@ -249,6 +265,7 @@ def run(cfg: RunCfg, overwrite: bool = False, force: bool = False, restart: bool
         "peak_rss_gib": round(_peak_rss_gib(), 3),
         "rss_before_model_gib": round(rss_before, 3),
         "layout": setting.as_dict(),
+        "processes": prep.report["processes"],
         "memory_estimate_gib": estimate,
         "versions": _versions(),
     }

@@ -101,11 +101,25 @@ def _works(cmd: list[str]) -> bool:
         return False
 
 
-def _bwrap(bwrap: str, root: bool, work: str) -> list[str]:
+PRIVATE = ("/tmp", "/var/tmp", "/dev/shm")
+
+
+def _interpreter_dirs(python: str) -> list[str]:
+    """Where the candidate's interpreter and its environment live, if inside a folder the sandbox empties (a venv
+    under /tmp, as in a CI checkout there): bound back read-only, or the interpreter would not start."""
+    roots = {Path(python).parent.parent, Path(os.path.realpath(python)).parent.parent, Path(sys.prefix),
+             Path(sys.base_prefix)}
+    return sorted(str(r) for r in roots if any(str(r).startswith(d + os.sep) for d in PRIVATE))
+
+
+def _bwrap(bwrap: str, root: bool, work: str, python: str) -> list[str]:
     """bubblewrap around one candidate whose folder is `work` (bound writable at its own path)."""
-    cmd = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
-           "--perms", "1777", "--tmpfs", "/tmp", "--perms", "1777", "--tmpfs", "/var/tmp",
-           "--perms", "1777", "--tmpfs", "/dev/shm", "--bind", work, work, "--chdir", work,
+    cmd = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+    for d in PRIVATE:
+        cmd += ["--perms", "1777", "--tmpfs", d]
+    for d in _interpreter_dirs(python):
+        cmd += ["--ro-bind", d, d]
+    cmd += ["--bind", work, work, "--chdir", work,
            "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--die-with-parent", "--new-session"]
     # as root: keep only what setpriv needs to drop to `nobody` (it clears them again); else a user namespace
     return cmd + (["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"] if root else ["--unshare-user"])
@@ -135,8 +149,15 @@ def isolation() -> dict[str, object]:
         python = next((p for p in candidates if p and _works([*drop, p, "-c", "pass"])), "")
         if not python:
             drop, python = [], sys.executable
-    probe = [*_bwrap(bwrap, root, tempfile.gettempdir()), *drop, python, "-c", "pass"] if bwrap else []
-    filesystem = bool(probe) and _works(probe)
+    filesystem = False
+    if bwrap:  # probed as a candidate runs: in a fresh folder under the emptied /tmp
+        work = tempfile.mkdtemp(prefix="lorapipe-sbx-probe-")
+        try:
+            if drop:
+                os.chown(work, NOBODY, NOBODY)
+            filesystem = _works([*_bwrap(bwrap, root, work, python), *drop, python, "-c", "pass"])
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     prefix = [bwrap] if filesystem else _unshare(shutil.which("unshare"), root)
     return {"namespaces": bool(prefix), "filesystem": filesystem, "drop_privileges": bool(drop), "python": python,
             "prefix": prefix, "drop": drop}
@@ -145,7 +166,7 @@ def isolation() -> dict[str, object]:
 def _command(iso: dict[str, object], work: Path) -> list[str]:
     prefix = list(iso["prefix"])
     if iso["filesystem"]:
-        prefix = _bwrap(prefix[0], os.geteuid() == 0, str(work))
+        prefix = _bwrap(prefix[0], os.geteuid() == 0, str(work), str(iso["python"]))
     return [*prefix, *iso["drop"], str(iso["python"]), "-I", "main.py"]
 
 

@@ -1,0 +1,59 @@
+"""Data-parallel training: `lorapipe train --train.processes N` relaunches itself under torchrun, one process per GPU.
+
+The command stays the one users type on one GPU. When more than one process is wanted (train.processes), the
+resolved config is written beside the runs and `python -m torch.distributed.run
+--standalone --nproc_per_node N -m lorapipe train` takes over; train.py then joins torchrun's process group through
+accelerate, splits the effective batch (preflight.layout), and lets rank 0 alone write the run directory. SIGTERM,
+SIGINT and SIGHUP to lorapipe are passed on to torchrun, which passes them to every process; they agree on one step
+at which to checkpoint and stop (checkpoint.Checkpoints).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from lorapipe import preflight
+from lorapipe.config import RunCfg, dump_config
+from lorapipe.errors import UserError
+from lorapipe.runs import write_text
+
+
+def wanted(cfg: RunCfg) -> int:
+    """Processes to launch, or 0 when this process trains alone (one process, or already under torchrun)."""
+    if os.environ.get("LOCAL_RANK") is not None:
+        return 0
+    n = preflight.processes(cfg)
+    return n if n > 1 else 0
+
+
+def train(cfg: RunCfg, n: int, overwrite: bool = False, force: bool = False, restart: bool = False) -> int:
+    """Run `lorapipe train` in `n` processes under torchrun and wait; the exit code of the launch."""
+    t = cfg.train
+    total = t.per_device_train_batch_size * t.gradient_accumulation_steps  # every mode keeps this product
+    if total % n:
+        raise UserError(f"train.processes: the effective batch {t.per_device_train_batch_size} x "
+                        f"{t.gradient_accumulation_steps} = {total} does not split over {n} processes; use a batch "
+                        f"divisible by {n}, or --train.processes {max(d for d in range(1, n) if total % d == 0)}")
+    config = Path(cfg.output_dir) / f".{cfg.name}.launch.yaml"
+    write_text(config, dump_config(cfg))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+           "-m", "lorapipe", "train", str(config)]
+    cmd += [flag for flag, on in (("--overwrite", overwrite), ("--force", force), ("--restart", restart)) if on]
+    proc = subprocess.Popen(cmd)
+    got: list[int] = []
+
+    def forward(signum, frame) -> None:
+        got.append(signum)
+        proc.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        rc = proc.wait()
+        return 128 + got[0] if rc and got else rc  # stopped on a signal, checkpoint saved: the shell's code
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

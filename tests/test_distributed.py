@@ -1,0 +1,88 @@
+"""Data-parallel training on CPU (torchrun + gloo): two processes keep the recipe of one.
+
+`lorapipe train --train.processes 2` relaunches itself under torchrun. With the same effective batch, the per-step
+losses equal a single process's within floating-point tolerance (the same examples make each step; only the order of
+the sums differs), one run directory is written, and a SIGTERM stops both processes at one step with a checkpoint
+that a two-process resume continues from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+STEPS = 24
+
+
+def _config(tmp_path: Path, tiny_model: Path) -> Path:
+    cfg = {"output_dir": str(tmp_path / "runs"), "model": {"name_or_path": str(tiny_model)},
+           "data": {"max_examples": 4 * STEPS, "max_length": 256},
+           "train": {"max_steps": STEPS, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
+                     "gradient_checkpointing": False, "save_steps": 6}}
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _train(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "lorapipe", "-q", "train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+
+
+def _losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+    steps = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    assert len({s for s, _ in steps}) == len(steps), "a step was logged twice (by two processes?)"
+    return dict(steps)
+
+
+def test_two_processes_keep_the_recipe_and_stop_and_resume_together(tiny_model, tmp_path):
+    config = _config(tmp_path, tiny_model)
+    one = _train(str(config), "--name", "one")
+    out, err = one.communicate(timeout=300)
+    assert one.returncode == 0, err
+
+    partial = tmp_path / "runs" / "two.incomplete"
+    proc = _train(str(config), "--name", "two", "--train.processes", "2")
+    deadline = time.monotonic() + 240
+    while not ((partial / "logs" / "metrics.jsonl").is_file() and max(_losses(partial), default=0) >= 8):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert err.count("stopped: SIGTERM") == 1, err  # rank 0 speaks for both
+    assert f"resume with: lorapipe train {partial / 'config.yaml'}" in err
+
+    proc = _train(str(partial / "config.yaml"))
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert out.count("trained 24 steps (resumed at step") == 1
+
+    runs = tmp_path / "runs"
+    assert sorted(p.name for p in runs.iterdir() if not p.name.startswith(".")) == ["one", "two"]
+    report = json.loads((runs / "two" / "preflight.json").read_text())
+    assert report["processes"] == 2 and report["effective_batch"] == 4
+    assert (report["layout"]["micro_batch"], report["layout"]["accum"]) == (2, 1)  # per process: 4 / 2
+    got, want = _losses(runs / "two"), _losses(runs / "one")
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-4), f"step {step}"
+
+
+def test_a_batch_that_does_not_split_is_refused_before_anything_loads(tiny_model, tmp_path):
+    config = _config(tmp_path, tiny_model)
+    proc = _train(str(config), "--train.processes", "3")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "effective batch 2 x 2 = 4 does not split over 3 processes" in err and "--train.processes 2" in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
