@@ -167,7 +167,7 @@ def _files(ckpt: Path) -> list[Path]:
     return sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-def _sha(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -181,7 +181,7 @@ def seal(ckpt: Path) -> None:
     for p in _files(ckpt):
         with p.open("rb") as f:
             os.fsync(f.fileno())
-        files[str(p.relative_to(ckpt))] = {"bytes": p.stat().st_size, "sha256": _sha(p)}
+        files[str(p.relative_to(ckpt))] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
     write_json(ckpt / MANIFEST, {"step": _step(ckpt), "files": files})
     fd = os.open(ckpt, os.O_RDONLY)
     try:
@@ -209,7 +209,7 @@ def last_trusted(logs: Path) -> Path | None:
                 problem = f"{rel} is missing"
             elif p.stat().st_size != want["bytes"]:
                 problem = f"{rel} is {p.stat().st_size} bytes, the manifest says {want['bytes']}"
-            elif _sha(p) != want["sha256"]:
+            elif sha256_file(p) != want["sha256"]:
                 problem = f"{rel} does not match its sha256 in the manifest"
             if problem:
                 break

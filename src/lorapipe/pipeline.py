@@ -36,14 +36,6 @@ class PipelineResult:
     passed: bool = True
 
 
-def _sha_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -150,7 +142,7 @@ def run(cfg: RunCfg, serve: bool = False, force: bool = False, restart: bool = F
                               "note": f"{m['steps']} steps, loss {m['train_loss']:.4f}"
                               + (f", resumed at step {resumed}" if resumed else "")})
 
-    adapter_sha = _sha_file(run_dir / "adapter" / "adapter_model.safetensors")
+    adapter_sha = checkpoint.sha256_file(run_dir / "adapter" / "adapter_model.safetensors")
     records["train"] = {**records.get("train", {}), "state": "done", "adapter_sha256": adapter_sha}
     _save(manifest_path, records)
 
