@@ -125,6 +125,16 @@ def training_fields(cfg: dict[str, Any]) -> dict[str, Any]:
     return {f"{s}.{k}": v for s in SECTIONS for k, v in (cfg.get(s) or {}).items() if f"{s}.{k}" not in FREE}
 
 
+def config_changes(old_cfg: dict[str, Any], cfg: RunCfg) -> list[str]:
+    """The training fields in which a run's saved config differs from `cfg` (an unresolved data.format 'auto'
+    matches the format train resolved)."""
+    old, new = training_fields(old_cfg), training_fields(cfg.model_dump(mode="json"))
+    if new.get("data.format") == "auto":
+        new["data.format"] = old.get("data.format")
+    return [f"{k}: {old.get(k)!r} in the run, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)]
+
+
 def _check_same(folder: Path, cfg: RunCfg, data_sha: str) -> None:
     how = f"resume with what it was started with, or pass --restart to start over (deletes {folder})"
     progress_path = folder / PROGRESS
@@ -142,9 +152,7 @@ def _check_same(folder: Path, cfg: RunCfg, data_sha: str) -> None:
     if diff:
         raise UserError(f"{progress_path}: the run began under other versions ({', '.join(diff)}), and its "
                         f"checkpoints may not load the same way; {how}")
-    old, new = training_fields(old_cfg), training_fields(cfg.model_dump(mode="json"))
-    changed = [f"{k}: {old.get(k)!r} in the run, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
-               if old.get(k) != new.get(k)]
+    changed = config_changes(old_cfg, cfg)
     if changed:
         raise UserError(f"{folder / 'config.yaml'}: the config changed since this run began:\n    "
                         + "\n    ".join(changed) + f"\n  {how}")

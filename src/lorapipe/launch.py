@@ -16,9 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lorapipe import preflight
+from lorapipe import preflight, speed
 from lorapipe.config import RunCfg, dump_config
-from lorapipe.errors import UserError
 from lorapipe.runs import write_text
 
 
@@ -32,12 +31,7 @@ def wanted(cfg: RunCfg) -> int:
 
 def train(cfg: RunCfg, n: int, overwrite: bool = False, force: bool = False, restart: bool = False) -> int:
     """Run `lorapipe train` in `n` processes under torchrun and wait; the exit code of the launch."""
-    t = cfg.train
-    total = t.per_device_train_batch_size * t.gradient_accumulation_steps  # every mode keeps this product
-    if total % n:
-        raise UserError(f"train.processes: the effective batch {t.per_device_train_batch_size} x "
-                        f"{t.gradient_accumulation_steps} = {total} does not split over {n} processes; use a batch "
-                        f"divisible by {n}, or --train.processes {max(d for d in range(1, n) if total % d == 0)}")
+    speed.split(cfg.train.per_device_train_batch_size, cfg.train.gradient_accumulation_steps, n)  # every mode keeps
     config = Path(cfg.output_dir) / f".{cfg.name}.launch.yaml"
     write_text(config, dump_config(cfg))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from lorapipe import checkpoint
 from lorapipe.config import RunCfg
 from lorapipe.errors import UserError
@@ -49,18 +51,6 @@ def _overrides(cfg: RunCfg, *sections: str) -> dict[str, Any]:
     return out
 
 
-def _trained_with(run_dir: Path, cfg: RunCfg) -> list[str]:
-    """Training fields in which the finished run differs from `cfg` (data.format as resolved by train)."""
-    import yaml
-
-    old = checkpoint.training_fields(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
-    new = checkpoint.training_fields(cfg.model_dump(mode="json"))
-    if new.get("data.format") == "auto":
-        new["data.format"] = old.get("data.format")
-    return [f"{k}: {old.get(k)!r} in the run, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k)]
-
-
 def run(cfg: RunCfg, serve: bool = False, force: bool = False, restart: bool = False,
         on_ready=None) -> PipelineResult:
     """Run every stage that is not already done for this config; `restart` redoes them all (training from step 0)."""
@@ -70,7 +60,7 @@ def run(cfg: RunCfg, serve: bool = False, force: bool = False, restart: bool = F
     manifest_path = run_dir / MANIFEST
     trained = (run_dir / "adapter" / "adapter_config.json").is_file() and (run_dir / "metrics.json").is_file()
     if trained and not restart:
-        changed = _trained_with(run_dir, cfg)
+        changed = checkpoint.config_changes(yaml.safe_load((run_dir / "config.yaml").read_text()) or {}, cfg)
         if changed:
             raise UserError(f"{run_dir / 'config.yaml'}: this run was trained with another config:\n    "
                             + "\n    ".join(changed) + "\n  pick another name, or pass --restart to train it again")
@@ -149,12 +139,9 @@ def run(cfg: RunCfg, serve: bool = False, force: bool = False, restart: bool = F
     stage("merge", _fingerprint(adapter_sha, "float32"), run_dir / "merged",
           lambda: f"{merge.run(run_dir, overwrite=True).merged_dir.name}/ (float32)")
 
-    verdict: dict[str, Any] = {}
-
     def do_verify() -> str:
         r = verify.run(run_dir, _overrides(cfg, "verify", "serve"))
         print(r.summary, end="")
-        verdict["passed"] = r.passed
         if not r.passed:
             raise VerifyFailed("; ".join(r.failures))
         return "PASS"

@@ -317,21 +317,27 @@ class Setting:
         return asdict(self)
 
 
+def split(batch: int, accum: int, world: int) -> int:
+    """Examples per process and step when `world` processes share the effective batch batch x accum; refused when
+    it does not split evenly (before any model loads)."""
+    from lorapipe.errors import UserError
+
+    total = batch * accum
+    if total % world:
+        raise UserError(f"train.processes: the effective batch {batch} x {accum} = {total} does not split over "
+                        f"{world} processes; use a batch divisible by {world}, or --train.processes "
+                        f"{max(d for d in range(1, world) if total % d == 0)}")
+    return total // world
+
+
 def per_process(setting: Setting, world: int) -> Setting:
     """The layout of each of `world` data-parallel processes that together keep the effective batch.
 
     The effective batch E = micro-batch x accumulation must split evenly: each process then runs E / world examples
     a step, in the largest micro-batch (at most the single-process one) that divides them."""
-    from lorapipe.errors import UserError
-
-    total = setting.micro_batch * setting.accum
     if world <= 1:
         return setting
-    if total % world:
-        raise UserError(f"train.processes: the effective batch {setting.micro_batch} x {setting.accum} = {total} "
-                        f"does not split over {world} processes; use a batch divisible by {world}, or "
-                        f"--train.processes {max(d for d in range(1, world) if total % d == 0)}")
-    share = total // world
+    share = split(setting.micro_batch, setting.accum, world)
     micro = max(d for d in range(1, min(setting.micro_batch, share) + 1) if share % d == 0)
     return replace(setting, micro_batch=micro, accum=share // micro)
 

@@ -142,12 +142,12 @@ def run(cfg: RunCfg, overwrite: bool = False, force: bool = False, restart: bool
                     cfg.data.max_length, prep.report["response_lost"])
     base, dtype, tokenizer, rows, setting, estimate = (prep.base, prep.dtype, prep.tokenizer, prep.rows,
                                                          prep.setting, prep.estimate)
-    if main:  # rank 0 makes or checks the in-progress folder; the others then read it
-        resume = checkpoint.prepare(cfg, checkpoint.fingerprint(rows), restart)
+    # rank 0 makes or checks the in-progress folder (hashing every checkpoint file once); the others get its answer
+    resume = checkpoint.prepare(cfg, checkpoint.fingerprint(rows), restart) if main else None
     if state is not None:
-        state.wait_for_everyone()
-    if not main:
-        resume = checkpoint.prepare(cfg, checkpoint.fingerprint(rows), False)
+        from accelerate.utils import broadcast_object_list
+
+        resume = broadcast_object_list([resume])[0]
     tmp = resume.folder
 
     from datasets import Dataset
