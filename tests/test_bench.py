@@ -24,3 +24,30 @@ def test_warm_run_starts_where_the_first_did(tmp_path):
     (warm,) = bench.train_bench(["tiny"], ["speed"], 3, tmp_path / "warm", warm=True)
     assert warm["warm"] is True and warm["run_s"] > 0 and warm["run_tokens_per_s"] > 0
     assert len(warm["step_s"]) == 3 and warm["losses"] == pytest.approx(cold["losses"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_e2e_runs_the_cli_per_setting_and_counts_real_tokens_alike(tmp_path, capsys):
+    """`bench train --e2e` runs `lorapipe train` itself per setting: the padded tutorial batches and the padding-free
+    speed batches see the same data, so they count the same real tokens (padding is not a token) and log the same
+    losses; the whole command's wall time holds the time before, in and after the loop."""
+    from lorapipe import bench_e2e
+    from lorapipe.errors import UserError
+
+    with pytest.raises(UserError, match="MODE\\[\\+graphs\\]\\[:PROCESSES\\]"):
+        bench_e2e.run("tiny", ["tutorial", "fast:x"], 16, tmp_path)  # refused before anything runs
+    assert not (tmp_path / "runs").exists()
+    assert bench_e2e.parse_setting("speed+graphs:2")[1] == {"train.mode": "speed", "train.processes": "2",
+                                                            "train.cuda_graphs": "true"}
+    rows = bench_e2e.run("tiny", ["tutorial", "speed"], 16, tmp_path)
+    tut, fast = rows
+    assert "error" not in tut and "error" not in fast, rows
+    assert (tut["mode"], tut["layout"], fast["mode"], fast["layout"]) == ("tutorial", "4x4", "speed", "16x1")
+    assert tut["steps"] == fast["steps"] == 1
+    assert tut["tokens"] == fast["tokens"] > 16 * 64  # 16 examples of at least 64 tokens, no padding counted
+    assert fast["loss_diff_pct"] < 1.0
+    for r in rows:
+        assert r["wall_s"] >= r["before_loop_s"] + r["loop_s"] > 0 and r["first_step_s"] <= r["loop_s"]
+        assert (tmp_path / "runs" / f"e2e-{r['setting']}" / "adapter").is_dir()
+    bench_e2e.print_table(rows)
+    assert "end to end" in capsys.readouterr().out

@@ -211,8 +211,8 @@ def test_refuses_a_taken_port_and_a_gpu_without_the_memory(tiny_run, monkeypatch
         def nvmlDeviceGetMemoryInfo(handle):
             return type("Info", (), {"free": 40 * 2**30, "total": 140 * 2**30})
 
-    monkeypatch.setattr(serve, "_nvml_device", lambda: (Nvml, None))
-    with pytest.raises(UserError, match=r"the GPU has 40.0 of 140.0 GiB free.*--serve.gpu_memory_utilization 0.26"):
+    monkeypatch.setattr(serve, "_nvml_device", lambda i=0: (Nvml, None))
+    with pytest.raises(UserError, match=r"GPU 0 has 40.0 of 140.0 GiB free.*--serve.gpu_memory_utilization 0.26"):
         serve.check_free(p)
 
 
@@ -241,3 +241,28 @@ def test_serving_beyond_loopback_needs_a_key_that_stays_out_of_files(tiny_run, m
     assert "k-from-env" not in " ".join(serve.server_command(keyed)) + json.dumps(serve.plan_record(keyed))
     assert serve.api_key(serve.plan([tiny_run], {"serve.api_key": "k-flag"}).serve) == "k-flag"  # the flag wins
     assert "k-flag" not in dump_config(load_config(None, {"serve.api_key": "k-flag"}))  # never in config.yaml
+
+
+def test_parallel_layouts_reach_vllm_and_bad_ones_stop_before_loading(tiny_run, monkeypatch):
+    """serve.tensor_parallel_size / data_parallel_size become vLLM's own flags; a layout vLLM would fail on after
+    loading (too few GPUs, heads that do not split, data parallelism in an offline stage) is refused first."""
+    p = serve.plan([tiny_run], {"serve.tensor_parallel_size": 2, "serve.data_parallel_size": 2})
+    cmd = serve.server_command(p)
+    assert cmd[cmd.index("--tensor-parallel-size") + 1] == "2" and cmd[cmd.index("--data-parallel-size") + 1] == "2"
+    assert serve.engine_kwargs(p)["tensor_parallel_size"] == 2
+    assert serve.plan_record(p)["data_parallel_size"] == 2
+    one = serve.plan([tiny_run])
+    assert "--tensor-parallel-size" not in serve.server_command(one) and "tensor_parallel_size" not in \
+        serve.engine_kwargs(one)
+    serve.check_parallel(one, offline=True)  # one GPU (or none): nothing to refuse
+    with pytest.raises(UserError, match="offline stages .* run one vLLM engine"):
+        serve.check_parallel(p, offline=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    with pytest.raises(UserError, match="needs 4 GPUs, and 3 are visible"):
+        serve.check_parallel(p, offline=False)
+    base_cfg = json.loads((serve.Path(p.base) / "config.json").read_text())
+    assert base_cfg["num_attention_heads"] % 3  # the tiny Llama's heads do not split in 3
+    with pytest.raises(UserError, match="do not split evenly"):
+        serve.check_parallel(serve.plan([tiny_run], {"serve.tensor_parallel_size": 3}), offline=False)
+    serve.check_parallel(serve.plan([tiny_run], {"serve.tensor_parallel_size": 2}), offline=False)  # 2 of 3 GPUs

@@ -19,10 +19,12 @@ Rows (each engine configured as lorapipe configures it for that case; the `-` ab
                        serve`) at each concurrency: base traffic, one adapter, 8 adapters mixed. min(prompts,
                        8 x concurrency) requests each; tokens/s, time to first token and inter-token latency p50/p99,
                        and failed requests.
+  vllm-base-tp2, vllm-lora8-tp2, online-tp2, online-dp2   2 GPUs: tensor parallel (one engine split over both), data
+                       parallel (two engines behind one server); asked for by name only
 Adapters are random (r=16 on q/k/v/o, non-zero B), written as PEFT adapters inside lorapipe run directories, so every
 row goes through lorapipe's own plan (`serve.plan`, `serve.engine`, `serve.running`). Each offline row runs in a fresh
-process: its engine start, a short warm-up (the LoRA kernels compile on first use), then the timed work, 3 times (the
-median counts).
+process: its engine start, one untimed pass of the work (batch shapes, CUDA graphs and LoRA kernels meet it first),
+then the timed work, 3 times (the median counts; `spread_pct` says how far apart the passes were).
 """
 
 from __future__ import annotations
@@ -45,7 +47,10 @@ from lorapipe.errors import UserError
 OFFLINE = ["hf-static", "hf-continuous", "vllm-base", "vllm-merged", "vllm-lora1", "vllm-lora8", "vllm-lora32",
            "vllm-lora1-alllinear", "vllm-lora8-maxloras4", "vllm-lora1-dualstream", "vllm-base-compiled",
            "vllm-lora1-compiled"]
-ROWS = [*OFFLINE, "online"]
+MULTI_GPU = ["vllm-base-tp2", "vllm-lora8-tp2", "online-tp2", "online-dp2"]  # not in the default set
+ROWS = [*OFFLINE, "online", *MULTI_GPU]
+ONLINE = {"online": {}, "online-tp2": {"serve.tensor_parallel_size": 2},
+          "online-dp2": {"serve.data_parallel_size": 2}}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
@@ -188,6 +193,8 @@ def row_plan(name: str, runs: list[Path], base: str):
     from lorapipe.runs import load_run
 
     compiled = {"serve.enforce_eager": False} if name.endswith("compiled") else {}
+    if name.endswith("-tp2"):
+        compiled["serve.tensor_parallel_size"] = 2
     if name.startswith("vllm-base"):
         cfg = load_run(runs[0], compiled)
         return serve.Plan(base, EMBEDDED_MODEL, [], None, 0, cfg.serve, dtype=serve.serving_dtype(cfg.serve, base)), 0
@@ -213,9 +220,11 @@ def _vllm_row(name: str, runs: list[Path], base: str, prompts: list[list[int]], 
         t1 = time.perf_counter()
         loras = [serve.lora_request(p, p.adapters[i % n]) for i in range(len(prompts))] if n else None
         reqs = [{"prompt_token_ids": q} for q in prompts]
-        warm = min(len(prompts), max(8, n))  # every adapter once: its LoRA kernels compile on first use
-        llm.generate(reqs[:warm], SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.0),
-                     lora_request=loras[:warm] if loras else None, use_tqdm=False)
+        # one untimed pass of the whole work first: every batch shape, CUDA graph and LoRA kernel variant the timed
+        # passes meet. With a short warm-up (8 prompts x 8 tokens), the passes after it still sped up pass by pass
+        # (TinyLlama shape on an H200: 8.97, 9.03, 6.96, 6.28 s for the same work), which hid the rows' differences.
+        llm.generate(reqs, SamplingParams(max_tokens=w.output, ignore_eos=True, temperature=0.0),
+                     lora_request=loras, use_tqdm=False)
         walls = []
         for _ in range(w.repeats):
             t2 = time.perf_counter()
@@ -255,6 +264,8 @@ def offline_row(name: str, runs: list[Path], base: str, prompts: list[list[int]]
     res = json.loads(text) if text else {"error": f"the row's process exited with code {proc.exitcode}"}
     if "output_tokens" in res:
         res["tokens_per_s"] = round(res["output_tokens"] / res["wall_s"], 1)
+    if len(res.get("walls_s") or []) > 1:  # how far apart the passes of one engine were: the row's own noise
+        res["spread_pct"] = round(100 * (max(res["walls_s"]) - min(res["walls_s"])) / min(res["walls_s"]), 1)
     return {"row": name, "requests": len(prompts), **res}
 
 
@@ -271,10 +282,11 @@ main(p.parse_args(sys.argv[1:]))
 """
 
 
-def online_rows(runs: list[Path], base: str, w: Work, workdir: Path, port: int) -> list[dict[str, Any]]:
+def online_rows(runs: list[Path], base: str, w: Work, workdir: Path, port: int, name: str = "online"
+                ) -> list[dict[str, Any]]:
     from lorapipe import serve
 
-    p = serve.plan(runs[:8], {"serve.port": port, "serve.path": "lora"})
+    p = serve.plan(runs[:8], {"serve.port": port, "serve.path": "lora", **ONLINE[name]})
     rows = []
     mid = (w.lo + w.hi) / 2
     ratio = json.dumps({"input": round((w.hi - w.lo) / (w.hi + w.lo), 4), "output": 0.0})
@@ -285,7 +297,7 @@ def online_rows(runs: list[Path], base: str, w: Work, workdir: Path, port: int) 
         for c in w.concurrency:
             n = min(w.prompts, 8 * c)
             for kind, lora in (("base", []), ("lora1", names[:1]), ("lora8", names)):
-                out = workdir / f"online-{kind}-c{c}.json"
+                out = workdir / f"{name}-{kind}-c{c}.json"
                 cmd = [sys.executable, "-c", CLIENT, "--backend", "openai",
                        "--base-url", server.url, "--endpoint", "/v1/completions", "--model", p.base_name,
                        "--tokenizer", base, "--dataset-name", "random", "--random-input-len", str(round(mid)),
@@ -296,7 +308,7 @@ def online_rows(runs: list[Path], base: str, w: Work, workdir: Path, port: int) 
                 if lora:
                     cmd += ["--lora-modules", *lora, "--lora-assignment", "round-robin"]
                 r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-                row = {"row": f"online-{kind}-c{c}", "requests": n, "engine_start_s": start}
+                row = {"row": f"{name}-{kind}-c{c}", "requests": n, "engine_start_s": start}
                 if r.returncode or not out.is_file():
                     row["error"] = (r.stderr or r.stdout)[-300:]
                 else:
@@ -325,14 +337,14 @@ def run(shape: str, rows: list[str], w: Work, workdir: Path, port: int = 8000) -
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise UserError(f"--rows: unknown {', '.join(unknown)}; choose from {', '.join(ROWS)}")
-    needs = max([32 if "lora32" in r else 8 if "lora8" in r or r == "online" else 1 for r in rows if "lora" in r
-                 or r == "online"] or [1])
+    needs = max([32 if "lora32" in r else 8 if "lora8" in r or r in ONLINE else 1 for r in rows if "lora" in r
+                 or r in ONLINE] or [1])
     base, runs = setup(shape, workdir, needs, "vllm-merged" in rows)
     prompts = make_prompts(base, w)
     out = []
     for name in rows:
-        if name == "online":
-            out += online_rows(runs, base, w, workdir, port)
+        if name in ONLINE:
+            out += online_rows(runs, base, w, workdir, port, name)
             continue
         cuda = torch.cuda.is_available()
         if (name.endswith("dualstream") and not cuda) or (name.endswith("compiled") and cuda):
@@ -341,7 +353,7 @@ def run(shape: str, rows: list[str], w: Work, workdir: Path, port: int = 8000) -
         print(json.dumps(out[-1]), flush=True)
     ref = next((r.get("tokens_per_s") for r in out if r["row"] == "vllm-base"), None)
     online_base = {r["row"].rsplit("-", 1)[1]: r.get("tokens_per_s") for r in out if r["row"].startswith("online-base")}
-    for r in out:
+    for r in out:  # every row against one GPU's base: vllm-base offline, online-base-cN online
         b = online_base.get(r["row"].rsplit("-", 1)[1]) if r["row"].startswith("online") else ref
         if b and r.get("tokens_per_s"):
             r["vs_base"] = round(r["tokens_per_s"] / b, 3)
@@ -364,7 +376,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     w = m["work"]
     table = Table(title=f"Serving {m['shape']} on {m['device']}, {m['date']}: {w['prompts']} prompts of "
                   f"{w['lo']}-{w['hi']} tokens x {w['output']} generated (EOS ignored)")
-    cols = ["row", "dtype", "lora", "engine_start_s", "requests", "output_tokens", "wall_s", "tokens_per_s", "vs_base",
+    cols = ["row", "dtype", "lora", "engine_start_s", "requests", "output_tokens", "wall_s", "spread_pct", "tokens_per_s", "vs_base",
             "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "failed", "error"]
     cols = [c for c in cols if any(c in r for r in rows)]
     for c in cols:

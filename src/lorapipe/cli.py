@@ -45,13 +45,15 @@ def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(ns: argparse.Namespace) -> int | None:
-    from lorapipe import launch, train
+    from lorapipe import launch
 
     cfg = load_config(ns.config, _overrides(ns))
     n = launch.wanted(cfg)
     if n:
         print(f"training in {n} data-parallel processes (torchrun; train.processes)", flush=True)
         return launch.train(cfg, n, overwrite=ns.overwrite, force=ns.force, restart=ns.restart)
+    from lorapipe import train  # after the launch decision: a launching parent needs none of the training stack
+
     r = train.run(cfg, overwrite=ns.overwrite, force=ns.force, restart=ns.restart)
     if int(os.environ.get("RANK", "0")) > 0:
         return None
@@ -169,7 +171,22 @@ def cmd_bench(ns: argparse.Namespace) -> None:
         row = bench.eval_speed(ns.run, _overrides(ns), ns.limit)
         bench.print_table("HumanEval greedy, fine-tuned model (vLLM + sandbox)", row)
         return
-    settings = ns.settings.split(",")
+    if ns.e2e:
+        if ns.what != "train":
+            raise UserError("--e2e goes with `bench train`")
+        from lorapipe import bench_e2e
+
+        work = Path(ns.workdir or tempfile.mkdtemp(prefix="lorapipe-bench-e2e-"))
+        shape = ns.shapes or ("tiny" if ns.tiny else "tinyllama-1.1b")
+        rows = bench_e2e.run(shape, (ns.settings or "tutorial,auto").split(","),
+                             ns.examples or (64 if ns.tiny else 2000), work)
+        bench_e2e.print_table(rows)
+        if ns.json:
+            from lorapipe.runs import write_json
+
+            write_json(Path(ns.json), {"rows": rows})
+        return None
+    settings = (ns.settings or "tutorial,speed,memory").split(",")
     known = list(bench.settings())
     unknown = [s for s in settings if s not in known]
     if unknown:
@@ -234,7 +251,10 @@ def _bench_serve(ns: argparse.Namespace) -> None:
         w.concurrency = tuple(int(c) for c in ns.concurrency.split(","))
     if ns.hf_batch:
         w.hf_batch = ns.hf_batch
-    rows = (ns.rows or ("hf-static,vllm-base,vllm-lora1,online" if ns.tiny else ",".join(bs.ROWS))).split(",")
+    if ns.repeats:
+        w.repeats = ns.repeats
+    rows = (ns.rows or ("hf-static,vllm-base,vllm-lora1,online" if ns.tiny else ",".join(bs.OFFLINE + ["online"]))
+            ).split(",")
     shapes = (ns.shapes or ("tinyllama-1.1b" if cuda else "smollm2-135m")).split(",")
     work = Path(ns.workdir) if ns.workdir else Path(tempfile.mkdtemp(prefix="lorapipe-bench-serve-"))
     out = []
@@ -274,6 +294,9 @@ def cmd_serve(ns: argparse.Namespace) -> None:
             print(f"  {name:<24} {what}")
         for note in p.notes:
             print(f"  note: {note}")
+        tp, dp = p.serve.tensor_parallel_size, p.serve.data_parallel_size
+        if tp * dp > 1:
+            print(f"GPUs: {tp * dp} ({dp} engine{'s' if dp > 1 else ''} behind the server, each split over {tp})")
         auth = " -H 'Authorization: Bearer $LORAPIPE_API_KEY'" if serve.api_key(p.serve) else ""
         if auth:
             print("requests must carry the key (serve.api_key); /health is open")
@@ -347,9 +370,16 @@ VERBS = {
         p.add_argument("--output-len", type=int, default=None, help="serve: generated tokens (GPU 256, CPU 32)"),
         p.add_argument("--concurrency", default=None, help="serve: online client concurrencies (GPU 1,16,64,256); abuse: clients (64)"),
         p.add_argument("--hf-batch", type=int, default=None, help="serve: transformers static batch (GPU 32)"),
+        p.add_argument("--repeats", type=int, default=None, help="serve: timed passes per offline vLLM row, in one "
+                       "engine; the median counts (3)"),
         p.add_argument("--port", type=int, default=8000, help="serve: port of the online rows' server"),
-        p.add_argument("--settings", default="tutorial,speed,memory", help="train/parity: settings to compare "
-                       "(see `lorapipe.bench.settings`: tutorial, speed, memory, flags, ablations)"),
+        p.add_argument("--settings", default=None, help="train/parity: settings to compare (see "
+                       "`lorapipe.bench.settings`: tutorial, speed, memory, flags, ablations; default tutorial,speed,"
+                       "memory); train --e2e: MODE[+graphs][:PROCESSES], default tutorial,auto"),
+        p.add_argument("--e2e", action="store_true", help="train: run `lorapipe train` itself per setting (whole "
+                       "command: wall, time before the loop, first step, loop, real tokens/s; see "
+                       "lorapipe.bench_e2e)"),
+        p.add_argument("--examples", type=int, default=None, help="train --e2e: training examples (2000; --tiny 64)"),
         p.add_argument("--steps", type=int, default=12, help="train/parity: optimizer steps per setting"),
         p.add_argument("--fixed-len", type=int, default=None, help="train: every example this many tokens "
                        "(default: 64-512)"),

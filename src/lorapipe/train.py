@@ -39,6 +39,28 @@ class TrainResult:
     metrics: dict[str, Any]
 
 
+class _FirstStep(TrainerCallback):
+    """When the first optimizer step ended: the time to first step that a user waits through (compilation, graph
+    capture, the first batch), apart from the steady loop."""
+
+    at: float | None = None
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.at is None:
+            self.at = time.perf_counter()
+
+
+def _process_age_s() -> float | None:
+    """Seconds since this process started (imports, preflight, loading: what precedes the loop), from the kernel's
+    clock ticks (psutil's create_time rounds the boot time to whole seconds)."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class _JsonlLogger(TrainerCallback):
     """Appends every logged step to logs/metrics.jsonl (read by reports and plots), with the memory in use."""
 
@@ -207,7 +229,9 @@ def run(cfg: RunCfg, overwrite: bool = False, force: bool = False, restart: bool
         use_liger_kernel=setting.liger,
         completion_only_loss=cfg.data.completion_only_loss,
         dataset_num_proc=None,
-        include_num_input_tokens_seen=True,
+        ddp_find_unused_parameters=False,  # LoRA's trainable parameters all take part in every step; True costs
+        # DDP a traversal of the autograd graph per step (and the Trainer picks True whenever checkpointing is off)
+        include_num_input_tokens_seen="non_padding",  # real tokens in every mode (padded batches too)
         disable_tqdm=False,
         **speed.async_args(setting.async_host),  # set only with CUDA graphs (preflight)
     )
@@ -217,16 +241,18 @@ def run(cfg: RunCfg, overwrite: bool = False, force: bool = False, restart: bool
         args._n_gpu = 1
     trainer_cls = speed.sft_trainer(setting.async_host) if graphs else SFTTrainer
     saver = checkpoint.Checkpoints(t.save_steps, t.save_minutes)
+    first = _FirstStep()
     trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows),
                          eval_dataset=Dataset.from_list(prep.val_rows) if prep.val_rows else None,
-                         processing_class=tokenizer, callbacks=[_JsonlLogger(tmp / "logs" / "metrics.jsonl"), saver]
+                         processing_class=tokenizer, callbacks=[_JsonlLogger(tmp / "logs" / "metrics.jsonl"), saver, first]
                          + ([_ReleaseCpuMemory()] if not torch.cuda.is_available() else []),
                          data_collator=speed.BucketCollator(tokenizer.pad_token_id, setting.micro_batch)
                          if graphs else None)
     saver.keep_dtypes(trainer.model)
     if graphs:
         speed.use_cuda_graphs(trainer)
-    start = time.perf_counter()
+    start, started_unix = time.perf_counter(), time.time()
+    before_loop = _process_age_s()
     with saver.signals():
         out = trainer.train(resume_from_checkpoint=str(resume.checkpoint) if resume.checkpoint else None)
     runtime = time.perf_counter() - start
@@ -249,8 +275,11 @@ def run(cfg: RunCfg, overwrite: bool = False, force: bool = False, restart: bool
         "train_loss": train_loss,
         "steps": trainer.state.global_step,
         "runtime_s": round(runtime, 2),
-        "tokens_seen": tokens,
+        "tokens_seen": tokens,  # real tokens (prompt + completion, no padding), all processes
         "tokens_per_s": round(tokens / runtime, 1) if runtime else None,
+        "before_loop_s": round(before_loop, 2) if before_loop is not None else None,  # this process: start to loop
+        "loop_started_unix": round(started_unix, 3),
+        "first_step_s": round(first.at - start, 2) if first.at else None,
         "resumed_from_step": resume.step or None,
         "trainable_params": trainable,
         "total_params": total,

@@ -1,0 +1,163 @@
+"""`lorapipe bench train --e2e`: `lorapipe train` itself, run as a user runs it, once per setting, on the same data.
+
+The steady-state `bench train` times optimizer steps inside one process; a user waits for the whole command:
+imports, preflight, loading and quantizing, compilation, the loop, checkpoints and saving. This benchmark runs the
+CLI verb in a fresh process per setting and reads what that run wrote (metrics.json, logs/metrics.jsonl):
+
+  wall_s         the whole command, as the user's clock sees it
+  before_loop_s  process start to the first step (imports, preflight, model load, trainer set-up)
+  first_step_s   the first optimizer step (compilation and graph capture land here)
+  loop_s         the training loop (the Trainer's own runtime)
+  tokens_per_s   real tokens (prompt + completion, no padding, all processes) per second of loop, counted by the
+                 Trainer the same way in every mode
+  loss_diff_pct  the largest per-step difference of the logged loss from the first row's, in percent
+
+Settings: a train.mode (tutorial, speed, memory, auto), optionally `+graphs` (train.cuda_graphs) and `:N` (N
+data-parallel processes, train.processes), e.g. `tutorial,auto,speed:2`. The first row is the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from lorapipe.errors import UserError
+
+MODES = ("tutorial", "speed", "memory", "auto")
+
+
+def parse_setting(text: str) -> tuple[str, dict[str, str]]:
+    """'speed+graphs:2' -> ('speed+graphs:2', {train.mode: speed, train.cuda_graphs: true, train.processes: 2})."""
+    head, _, procs = text.partition(":")
+    mode, _, extra = head.partition("+")
+    if mode not in MODES or extra not in ("", "graphs") or (procs and not procs.isdigit()) or procs == "0":
+        raise UserError(f"--settings: cannot read '{text}'; write MODE[+graphs][:PROCESSES] with MODE one of "
+                        f"{', '.join(MODES)} (e.g. tutorial,auto,speed:2)")
+    out = {"train.mode": mode, "train.processes": procs or "1"}
+    if extra:
+        out["train.cuda_graphs"] = "true"
+    return text, out
+
+
+def _words(rng: random.Random, n: int, vocab: int) -> str:
+    return " ".join(f"t{rng.randrange(3, vocab)}" for _ in range(n))
+
+
+def setup(shape: str, workdir: Path, examples: int, seed: int = 0) -> Path:
+    """A config for `lorapipe train`: the base (random weights of a bench shape, or the embedded SmolLM2) and its
+    data, reused when already in `workdir`. Random shapes get prompt/completion examples of 64-511 words of their
+    word-level tokenizer (one token each, ~30 % prompt); SmolLM2 gets lorapipe's shipped training set."""
+    from lorapipe import bench
+    from lorapipe.config import dump_config, load_config
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg_path = workdir / f"e2e-{shape}.yaml"
+    over: dict[str, Any] = {"output_dir": str(workdir / "runs"), "data.max_examples": examples}
+    if shape != "smollm2-135m":
+        if shape not in bench.SHAPES:
+            raise UserError(f"--shapes: unknown {shape}; choose from smollm2-135m, {', '.join(bench.SHAPES)}")
+        model_dir = workdir / f"model-{shape}"
+        if not (model_dir / "config.json").is_file():
+            bench._random_model_dir(shape, model_dir)
+        data = workdir / f"data-{shape}-{examples}.jsonl"
+        if not data.is_file():
+            rng = random.Random(seed)
+            vocab = bench.SHAPES[shape][5]
+            with data.open("w") as f:
+                for _ in range(examples):
+                    n = rng.randint(64, 511)
+                    cut = max(1, int(n * 0.3))
+                    # the prompt ends with a space: glued to the completion's first word it would be one unknown
+                    f.write(json.dumps({"prompt": _words(rng, cut, vocab) + " ",
+                                        "completion": _words(rng, n - cut - 1, vocab)}) + "\n")
+        over.update({"model.name_or_path": str(model_dir.resolve()), "data.source": str(data.resolve())})
+    cfg_path.write_text(dump_config(load_config(None, over)))
+    return cfg_path
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    path = run_dir / "logs" / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def run_setting(label: str, overrides: dict[str, str], cfg_path: Path, workdir: Path) -> dict[str, Any]:
+    """`lorapipe train CONFIG --name ... --restart --overwrite` with the setting's flags, in a fresh process."""
+    name = "e2e-" + "".join(c if c.isalnum() else "-" for c in label)
+    cmd = [sys.executable, "-m", "lorapipe", "train", str(cfg_path), "--name", name, "--restart", "--overwrite"]
+    for k, v in overrides.items():
+        cmd += [f"--{k}", v]
+    log = workdir / f"{name}.log"
+    t0, t0_unix = time.perf_counter(), time.time()
+    with log.open("w") as f:
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+    wall = time.perf_counter() - t0
+    run_dir = workdir / "runs" / name
+    row: dict[str, Any] = {"setting": label, "processes": int(overrides["train.processes"]),
+                           "wall_s": round(wall, 1)}
+    if code or not (run_dir / "metrics.json").is_file():
+        row["error"] = f"exit {code}: " + log.read_text()[-300:].replace("\n", " | ")
+        return row
+    m = json.loads((run_dir / "metrics.json").read_text())
+    before = round(m["loop_started_unix"] - t0_unix, 1)  # the command's start, a launching parent included
+    row.update(before_loop_s=before, first_step_s=m.get("first_step_s"), loop_s=m["runtime_s"],
+               after_loop_s=round(wall - before - m["runtime_s"], 1), steps=m["steps"],
+               tokens=m["tokens_seen"], tokens_per_s=m["tokens_per_s"],
+               layout=f"{m['layout'].get('micro_batch')}x{m['layout'].get('accum')}", final_loss=None,
+               peak_gpu_gib=m.get("peak_gpu_mem_gib"), mode=m["layout"].get("mode"), run_dir=str(run_dir))
+    losses = _losses(run_dir)
+    if losses:
+        row["final_loss"] = round(losses[max(losses)], 4)
+    row["_losses"] = losses
+    return row
+
+
+def run(shape: str, settings: list[str], examples: int, workdir: Path) -> list[dict[str, Any]]:
+    """Every setting on the same config and data; ratios and loss differences against the first row."""
+    parsed = [parse_setting(s) for s in settings]  # every setting read before anything runs
+    cfg_path = setup(shape, workdir, examples)
+    rows = []
+    for label, over in parsed:
+        rows.append(run_setting(label, over, cfg_path, workdir))
+        print(json.dumps({k: v for k, v in rows[-1].items() if not k.startswith("_")}), flush=True)
+    ref = rows[0]
+    for r in rows:
+        if "error" in r or "error" in ref:
+            continue
+        r["wall_vs_first"] = round(ref["wall_s"] / r["wall_s"], 2)
+        r["loop_vs_first"] = round(ref["loop_s"] / r["loop_s"], 2) if r["loop_s"] else None
+        common = sorted(set(ref["_losses"]) & set(r["_losses"]))
+        if common:
+            r["loss_diff_pct"] = round(100 * max(abs(r["_losses"][s] - ref["_losses"][s]) / abs(ref["_losses"][s])
+                                                 for s in common), 2)
+    from lorapipe.models import device_summary
+
+    for r in rows:
+        r.pop("_losses", None)
+        r.update(shape=shape, examples=examples, device=device_summary(), date=time.strftime("%Y-%m-%d"))
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    if not rows:
+        return
+    m = rows[0]
+    table = Table(title=f"`lorapipe train` end to end: {m['shape']}, {m['examples']} examples, on {m['device']}, "
+                  f"{m['date']} (first row: the reference)")
+    cols = ["setting", "mode", "processes", "layout", "steps", "wall_s", "wall_vs_first", "before_loop_s",
+            "first_step_s", "loop_s", "loop_vs_first", "after_loop_s", "tokens", "tokens_per_s", "final_loss",
+            "loss_diff_pct", "peak_gpu_gib", "error"]
+    cols = [c for c in cols if any(r.get(c) is not None for r in rows)]
+    for c in cols:
+        table.add_column(c, overflow="fold")
+    for r in rows:
+        table.add_row(*["" if r.get(c) is None else str(r[c]) for c in cols])
+    Console(width=240).print(table)
