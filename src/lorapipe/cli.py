@@ -116,6 +116,18 @@ def cmd_merge(ns: argparse.Namespace) -> None:
     print(f"merged model ({r.dtype}, {r.params / 1e6:.1f}M params): {r.merged_dir}")
 
 
+def cmd_push(ns: argparse.Namespace) -> None:
+    from lorapipe import cards
+
+    url, files = cards.push(ns.run, ns.repo_id, merged=ns.merged, private=ns.private, dry_run=ns.dry_run)
+    folder = Path(ns.run) / ("merged" if ns.merged else "adapter")
+    print(f"{'would upload' if ns.dry_run else 'uploaded'} {len(files)} files of {folder} to {url}:")
+    for f in files:
+        print(f"  {f}")
+    if ns.dry_run:
+        print(f"model card: {folder / 'README.md'}")
+
+
 def cmd_compare(ns: argparse.Namespace) -> None:
     from lorapipe import evaluate
 
@@ -349,6 +361,12 @@ VERBS = {
                                               help="saved dtype; float32 keeps the LoRA delta exact (auto: the base "
                                               "checkpoint's dtype, smaller but rounds the delta away)"),
         p.add_argument("--overwrite", action="store_true")), cmd_merge),
+    "push": ("upload runs/<name>/adapter (or merged/) with its model card to the Hugging Face Hub", lambda p: (
+        p.add_argument("run"), p.add_argument("repo_id", help="NAMESPACE/NAME on the Hub (created if missing)"),
+        p.add_argument("--merged", action="store_true", help="push merged/ instead of adapter/"),
+        p.add_argument("--private", action="store_true", help="create the repository private"),
+        p.add_argument("--dry-run", action="store_true", help="write the card and list the files; upload nothing")),
+        cmd_push),
     "compare": ("base vs fine-tuned side by side through vLLM -> runs/<name>/compare/", lambda p: (
         p.add_argument("run"), p.add_argument("--prompts", help="a .jsonl of Alpaca records or {'prompt': ...}"),
         _add_section_flags(p, ["eval", "serve"])), cmd_compare),

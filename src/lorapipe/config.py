@@ -155,6 +155,18 @@ class TrainCfg(_Section):
     save_minutes: float = Field(10.0, ge=0, description="Also save a checkpoint when this many minutes of training "
                                 "passed since the last one (0: off).")
     seed: int = Field(42, description="Random seed for data order and adapter initialisation.")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb", "trackio"]] = Field(
+        default_factory=list, description="Experiment trackers (any of tensorboard, mlflow, wandb, trackio; the "
+        "Trainer's own integrations, set up by their usual environment variables: MLFLOW_TRACKING_URI, WANDB_MODE, "
+        "...). lorapipe adds the preflight summary as parameters, the adapter (MLflow artifact), and eval/verify "
+        "results as metrics. TensorBoard writes to the run's logs/tensorboard/. Default: none.")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_list(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [x.strip() for x in v.split(",") if x.strip() and x.strip() != "none"]
+        return v
 
 
 class EvalCfg(_Section):

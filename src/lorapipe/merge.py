@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from lorapipe import cards
 from lorapipe.errors import UserError
 from lorapipe.models import load_model, resolve_model
 from lorapipe.runs import atomic_dir, load_run
@@ -65,6 +66,7 @@ def run(run_dir: str | Path, dtype: str = "float32", overwrite: bool = False) ->
         tokenizer.save_pretrained(tmp)
         (tmp / "lorapipe_merge.json").write_text(json.dumps(
             {"base": base, "adapter": str((run_dir / "adapter").resolve()), "dtype": str(save_dtype)}, indent=2))
+    cards.write(run_dir)  # merged/README.md, and the adapter's card names the merge
     n = sum(p.numel() for p in model.parameters())
     log.info("merged %s into %s (%s, %.1fM params)", run_dir / "adapter", target, save_dtype, n / 1e6)
     return MergeResult(target, str(save_dtype).replace("torch.", ""), n)

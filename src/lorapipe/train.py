@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, set_seed
 
-from lorapipe import checkpoint, preflight, speed
+from lorapipe import cards, checkpoint, preflight, speed, tracking
 from lorapipe.config import RunCfg
 from lorapipe.errors import UserError
 from lorapipe.models import device_summary, load_model
@@ -48,6 +48,34 @@ class _FirstStep(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
         if self.at is None:
             self.at = time.perf_counter()
+
+
+def _progress_bar():
+    """The Trainer's progress bar with the figures a person watches (loss, learning rate, real tokens/s) beside
+    the step count and ETA, instead of a printed dict per step; every figure is still in logs/metrics.jsonl."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class Progress(ProgressCallback):
+        last: tuple[float, int] | None = None
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero or self.training_bar is None or not logs:
+                return
+            now, seen = time.perf_counter(), int(state.num_input_tokens_seen or 0)
+            post = {}
+            if "loss" in logs:
+                post["loss"] = f"{logs['loss']:.4f}"
+            if "learning_rate" in logs:
+                post["lr"] = f"{logs['learning_rate']:.2e}"
+            if self.last is not None and now > self.last[0] and seen > self.last[1]:
+                post["tok/s"] = f"{(seen - self.last[1]) / (now - self.last[0]):,.0f}"
+            self.last = (now, seen)
+            if post:
+                self.training_bar.set_postfix(post, refresh=False)
+            if "eval_loss" in logs:  # rare and worth a line of its own
+                self.training_bar.write(f"step {state.global_step}: validation loss {logs['eval_loss']:.4f}")
+
+    return Progress()
 
 
 def _process_age_s() -> float | None:
@@ -147,6 +175,7 @@ def run(cfg: RunCfg, overwrite: bool = False, force: bool = False, restart: bool
     run_dir = cfg.run_dir()
     if run_dir.exists() and not overwrite:
         raise UserError(f"{run_dir}: already exists; pick another --name or pass --overwrite")
+    tracking.check(cfg.train.report_to)  # a tracker that is missing or unreachable: before any model loads
     state = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun (lorapipe.launch): join its process group
         from accelerate import PartialState
@@ -222,7 +251,8 @@ def run(cfg: RunCfg, overwrite: bool = False, force: bool = False, restart: bool
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         use_cpu=not torch.cuda.is_available(),
-        report_to="none",
+        report_to=tracking.trainer_report_to(t.report_to),
+        run_name=cfg.name,
         max_length=None if setting.padding_free else cfg.data.max_length,  # rows are already cut
         padding_free=setting.padding_free and not graphs,  # graphs: lorapipe's bucketed padding-free batches
         remove_unused_columns=not graphs,
@@ -242,12 +272,17 @@ def run(cfg: RunCfg, overwrite: bool = False, force: bool = False, restart: bool
     trainer_cls = speed.sft_trainer(setting.async_host) if graphs else SFTTrainer
     saver = checkpoint.Checkpoints(t.save_steps, t.save_minutes)
     first = _FirstStep()
+    trackers, tracked = tracking.callbacks(t.report_to, tracking.preflight_params(prep.report), tmp)
     trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows),
                          eval_dataset=Dataset.from_list(prep.val_rows) if prep.val_rows else None,
-                         processing_class=tokenizer, callbacks=[_JsonlLogger(tmp / "logs" / "metrics.jsonl"), saver, first]
+                         processing_class=tokenizer, callbacks=[_JsonlLogger(tmp / "logs" / "metrics.jsonl"), saver, first, *trackers]
                          + ([_ReleaseCpuMemory()] if not torch.cuda.is_available() else []),
                          data_collator=speed.BucketCollator(tokenizer.pad_token_id, setting.micro_batch)
                          if graphs else None)
+    from transformers.trainer_callback import ProgressCallback
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(_progress_bar())
     saver.keep_dtypes(trainer.model)
     if graphs:
         speed.use_cuda_graphs(trainer)
@@ -299,6 +334,8 @@ def run(cfg: RunCfg, overwrite: bool = False, force: bool = False, restart: bool
         "versions": _versions(),
     }
     write_json(tmp / "metrics.json", metrics)
+    tracking.after_training(tmp, tracked, metrics)
+    cards.write(tmp, cfg.name)  # adapter/README.md: a Hugging Face model card of what this run knows so far
     checkpoint.finish(tmp)
     promote(tmp, run_dir, overwrite=overwrite)
     return TrainResult(run_dir, train_loss, metrics["steps"], runtime, metrics)

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
+from lorapipe import cards, gate, serve, tracking
 from lorapipe import data as data_mod
-from lorapipe import gate, serve
 from lorapipe.config import RunCfg
 from lorapipe.models import load_model, resolve_model
 from lorapipe.runs import load_run, write_json, write_text
@@ -336,6 +336,10 @@ def _finish(run_dir: Path, report: dict[str, Any], failures: list[str]) -> Verif
     report["failures"] = failures
     summary = _summary(report, failures)
     write_json(run_dir / "verify.json", report)
+    cards.write(run_dir)  # the cards carry verify's verdict
+    figures = {f"verify/{k}/agreement": v["agreement"] for k, v in report["paths"].items()
+               if isinstance(v.get("agreement"), (int, float))}
+    tracking.log_metrics(run_dir, {**figures, "verify/passed": float(not failures)})
     write_text(run_dir / "verify.md", summary)
     return VerifyResult(not failures, failures, report, summary, run_dir / "verify.json")
 

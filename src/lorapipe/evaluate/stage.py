@@ -9,6 +9,7 @@ solutions. Writes runs/<name>/eval/{metrics.json, report.html, metrics.png, loss
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -21,8 +22,8 @@ from typing import Any
 
 import torch
 
+from lorapipe import cards, serve, tracking
 from lorapipe import data as data_mod
-from lorapipe import serve
 from lorapipe.config import RunCfg
 from lorapipe.errors import UserError
 from lorapipe.evaluate import report, tasks
@@ -173,6 +174,13 @@ def _score(ts: list[tasks.Task], gen: dict[str, list], cfg: RunCfg, limits: Limi
     return m, rows
 
 
+def _steps(run_dir: Path) -> int:
+    try:
+        return int(json.loads((run_dir / "metrics.json").read_text()).get("steps", 0))
+    except (OSError, ValueError):
+        return 0
+
+
 def run(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> EvalResult:
     run_dir = Path(run_dir)
     cfg = load_run(run_dir, overrides)
@@ -227,4 +235,11 @@ def run(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> EvalRes
         write_json(tmp / "metrics.json", metrics)
         write_json(tmp / "answers.json", rows)
         report.write_html(tmp, metrics, rows, has_loss)
+    cards.write(run_dir)  # the cards carry pass@1 and the held-out loss
+    figures = {f"eval/{name}/{who}/{k}": v for name, st in metrics["sets"].items() for who in ("base", "finetuned")
+               for k, v in st[who].items() if isinstance(v, (int, float))}
+    if "heldout_loss" in metrics:
+        figures.update({f"eval/heldout_loss/{who}": metrics["heldout_loss"][who]["loss"] for who in ("base",
+                                                                                                  "finetuned")})
+    tracking.log_metrics(run_dir, figures, step=_steps(run_dir))  # the training run's trackers, when it had any
     return EvalResult(run_dir / "eval", metrics)
