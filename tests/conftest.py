@@ -82,3 +82,14 @@ def tiny_run(tiny_model, tmp_path_factory) -> Path:
                              "train.per_device_train_batch_size": 2, "train.gradient_accumulation_steps": 1,
                              "lora.r": 8, "train.gradient_checkpointing": False})
     return train.run(cfg).run_dir
+
+
+@pytest.fixture()
+def run_copy(tiny_run, tmp_path) -> Path:
+    """A private copy of tiny_run without merged/, for tests that add to a run."""
+    import shutil
+
+    dst = tmp_path / "tiny"
+    shutil.copytree(tiny_run, dst)
+    shutil.rmtree(dst / "merged", ignore_errors=True)
+    return dst

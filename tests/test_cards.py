@@ -2,7 +2,6 @@
 HfApi records what would be sent)."""
 
 import json
-import shutil
 
 import pytest
 from huggingface_hub import ModelCard
@@ -10,13 +9,6 @@ from huggingface_hub import ModelCard
 from lorapipe import cards, merge
 from lorapipe.cli import main
 from lorapipe.errors import UserError
-
-
-@pytest.fixture()
-def run_copy(tiny_run, tmp_path):
-    rd = tmp_path / "tiny"
-    shutil.copytree(tiny_run, rd)
-    return rd
 
 
 def test_training_and_merge_write_cards_from_the_run(run_copy):

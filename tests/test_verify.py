@@ -2,23 +2,13 @@
 and fails, with the right message, on deliberately broken ones."""
 
 import json
-import shutil
 
-import pytest
 from adapters import run_with_adapter, tiny_llama
 
 from lorapipe import data, verify
 from lorapipe.cli import main
 
 FAST = {"verify.num_prompts": 6, "verify.max_tokens": 12, "verify.vllm": False, "verify.min_stop_share": 0.0}
-
-
-@pytest.fixture()
-def run_copy(tiny_run, tmp_path):
-    dst = tmp_path / "tiny"
-    shutil.copytree(tiny_run, dst)
-    shutil.rmtree(dst / "merged", ignore_errors=True)
-    return dst
 
 
 def test_healthy_run_passes(run_copy):

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorapipe.config import RunCfg, dump_config, load_config
+from lorapipe.config import RunCfg, build_config, load_config
 
 
 def _overrides(overrides: dict[str, Any] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -38,12 +38,7 @@ def resolve(config: str | Path | RunCfg | None = None, overrides: dict[str, Any]
     """The resolved config: a YAML path, a RunCfg, or the defaults, with overrides applied (validated)."""
     over = _overrides(overrides, kw)
     if isinstance(config, RunCfg):
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-            f.write(dump_config(config))
-        try:
-            return load_config(f.name, over)
-        finally:
-            Path(f.name).unlink()
+        return build_config(config.model_dump(), over, "<RunCfg>")
     return load_config(str(config) if config is not None else None, over)
 
 

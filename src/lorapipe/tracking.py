@@ -74,8 +74,8 @@ class Tracking(TrainerCallback):
     """Rank 0, after the Trainer's own integration callbacks have started their runs: the preflight summary as
     parameters, and each tracker run's identity for logs/tracking.json."""
 
-    def __init__(self, report_to: list[str], params: dict[str, Any], tb_dir: Path):
-        self.report_to, self.params, self.tb_dir = report_to, params, tb_dir
+    def __init__(self, report_to: list[str], params: dict[str, Any]):
+        self.report_to, self.params = report_to, params
         self.ids: dict[str, Any] = {}
 
     def on_train_begin(self, args, state, control, **kw):
@@ -107,14 +107,13 @@ def callbacks(report_to: list[str], params: dict[str, Any], run_tmp: Path) -> tu
     if not report_to:
         return [], None
     out: list[Any] = []
-    tb_dir = run_tmp / "logs" / "tensorboard"
     if "tensorboard" in report_to:
         from transformers.integrations import TensorBoardCallback
 
         tb = TensorBoardCallback()
-        tb.logging_dir = str(tb_dir)
+        tb.logging_dir = str(run_tmp / MANIFEST.parent / "tensorboard")
         out.append(tb)
-    t = Tracking(report_to, params, tb_dir)
+    t = Tracking(report_to, params)
     return [*out, t], t
 
 
