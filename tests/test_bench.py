@@ -48,6 +48,10 @@ def test_e2e_runs_the_cli_per_setting_and_counts_real_tokens_alike(tmp_path, cap
     assert fast["loss_diff_pct"] < 1.0
     for r in rows:
         assert r["wall_s"] >= r["before_loop_s"] + r["loop_s"] > 0 and r["first_step_s"] <= r["loop_s"]
+        parts = r["before_loop_parts"]  # where the time before the loop went, in order, adding up to it
+        assert list(parts) == ["start", "imports", "preflight", "load", "lora", "prepare", "trainer"]
+        assert min(parts.values()) >= 0 and sum(parts.values()) <= r["before_loop_s"] + 0.5
         assert (tmp_path / "runs" / f"e2e-{r['setting']}" / "adapter").is_dir()
     bench_e2e.print_table(rows)
-    assert "end to end" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "end to end" in out and "tutorial: before the loop start" in out

@@ -219,6 +219,13 @@ def test_demo_command_runs_every_stage(tmp_path):
     assert (tmp_path / "runs" / "demo" / "compare" / "compare.md").is_file()
     assert (tmp_path / "runs" / "demo" / "eval" / "report.html").is_file()
     assert json.loads((tmp_path / "runs" / "demo" / "verify.json").read_text())["paths"]
+    # a console a person can read: vLLM's engine output is in the stages' logs, not on the terminal
+    console = (out + r.stderr).replace("\r", "\n")
+    for noise in ("Triton is installed", "EngineCore", "Loading safetensors checkpoint shards", "Building labels"):
+        assert noise not in console, noise
+    logs = tmp_path / "runs" / "demo" / "logs"
+    for stage in ("verify", "compare", "eval"):
+        assert "Loading safetensors checkpoint shards" in (logs / f"{stage}.log").read_text(), stage
 
 
 def _post(url: str, body: dict, key: str | None = None) -> tuple[int, dict]:

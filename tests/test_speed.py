@@ -225,3 +225,19 @@ def test_async_host_trainer_matches_trl(tiny_model, tmp_path):
         for key in ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens"):
             assert a[key] == pytest.approx(b[key], rel=1e-4), key
     assert fast_tokens == real < ref_tokens  # the Trainer's own count ("all") includes the bucket padding
+
+
+def test_preflight_says_why_auto_chose_its_layout():
+    import dataclasses
+
+    from lorapipe import speed
+
+    kw = dict(batch=4, accum=4, checkpointing=True, optim="adamw_torch", quantized=True)
+    assert speed.reason("auto", speed.choose("auto", cuda=False, **kw), False) == "auto on a CPU: the recipe's layout"
+    fast = speed.choose("auto", cuda=True, fits=lambda s: True, **kw)
+    why = speed.reason("auto", fast, True)
+    assert fast.mode == "speed" and "fits the GPU's free memory" in why and "CUDA graphs off" in why
+    low = speed.choose("auto", cuda=True, fits=lambda s: False, **kw)
+    assert low.mode == "memory" and "does not fit" in speed.reason("auto", low, True)
+    assert "CUDA graphs on" in speed.reason("auto", dataclasses.replace(fast, compile="model-graphs"), True)
+    assert speed.reason("tutorial", speed.choose("tutorial", cuda=True, **kw), True) == "as configured"

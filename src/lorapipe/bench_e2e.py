@@ -5,7 +5,8 @@ imports, preflight, loading and quantizing, compilation, the loop, checkpoints a
 CLI verb in a fresh process per setting and reads what that run wrote (metrics.json, logs/metrics.jsonl):
 
   wall_s         the whole command, as the user's clock sees it
-  before_loop_s  process start to the first step (imports, preflight, model load, trainer set-up)
+  before_loop_s  process start to the first step (imports, preflight, model load, trainer set-up), split into its
+                 parts below the table (metrics.json's before_loop_phases_s)
   first_step_s   the first optimizer step (compilation and graph capture land here)
   loop_s         the training loop (the Trainer's own runtime)
   tokens_per_s   real tokens (prompt + completion, no padding, all processes) per second of loop, counted by the
@@ -109,7 +110,8 @@ def run_setting(label: str, overrides: dict[str, str], cfg_path: Path, workdir: 
                after_loop_s=round(wall - before - m["runtime_s"], 1), steps=m["steps"],
                tokens=m["tokens_seen"], tokens_per_s=m["tokens_per_s"],
                layout=f"{m['layout'].get('micro_batch')}x{m['layout'].get('accum')}", final_loss=None,
-               peak_gpu_gib=m.get("peak_gpu_mem_gib"), mode=m["layout"].get("mode"), run_dir=str(run_dir))
+               peak_gpu_gib=m.get("peak_gpu_mem_gib"), mode=m["layout"].get("mode"), run_dir=str(run_dir),
+               before_loop_parts=m.get("before_loop_phases_s"))
     losses = _losses(run_dir)
     if losses:
         row["final_loss"] = round(losses[max(losses)], 4)
@@ -161,3 +163,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         table.add_row(*["" if r.get(c) is None else str(r[c]) for c in cols])
     Console(width=240).print(table)
+    for r in rows:  # where the time before the loop went (rank 0; a launching parent's own time is not in it)
+        if r.get("before_loop_parts"):
+            print(f"  {r['setting']}: before the loop " + ", ".join(f"{k} {v:.1f}s" for k, v in
+                                                                    r["before_loop_parts"].items()))

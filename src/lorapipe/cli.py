@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from lorapipe import console
 from lorapipe.config import SECTIONS, RunCfg, dump_config, load_config, parse_override
 from lorapipe.errors import UserError
 
@@ -460,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorapipe", description=__doc__.split("\n")[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="the libraries' own output on the console too (vLLM's engine log, datasets' bars); "
+                             "otherwise vLLM's goes to the stage's log in the run's logs/")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb, (help_text, add_args, fn) in VERBS.items():
         p = sub.add_parser(verb, help=help_text, description=help_text)
@@ -483,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if ns.quiet or rank > 0 else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    console.setup(ns.verbose)
     from lorapipe.checkpoint import Stopped
 
     try:

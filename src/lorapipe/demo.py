@@ -104,8 +104,8 @@ def run(workdir: Path, steps: int = 40, examples: int = 160, port: int = 8000, q
                         ("training summary", tr.run_dir / "metrics.json"), ("merged model", mr.merged_dir),
                         ("verification", tr.run_dir / "verify.md"), ("comparison", cr.out_dir / "compare.md"),
                         ("evaluation report", er.out_dir / "report.html"),
-                        ("server log", server.log_path)]:
-        print(f"  {label:<36} {path}")
+                        ("logs (vLLM's in verify/compare/eval/serve.log)", server.log_path.parent)]:
+        print(f"  {label:<48} {path}")
     print("timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f", total {total:.0f}s")
     return {"timings": timings, "total_s": total, "train_loss": tr.train_loss, "compare": cr.summary,
             "verify_passed": vr.passed, "eval": er.metrics["sets"], "reply": choice}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from lorapipe import console
 from lorapipe.config import EMBEDDED_MODEL, ModelCfg, QuantCfg
 from lorapipe.errors import UserError
 from lorapipe.runs import atomic_dir
@@ -149,6 +150,7 @@ def load_model(path: str, cfg: ModelCfg, quant: QuantCfg | None, dtype: torch.dt
     """Load the base for training (4-bit when quant.load_in_4bit) or in full precision (quant None: merge, verify)."""
     from transformers import AutoModelForCausalLM
 
+    console.quiet_transformers()
     kwargs: dict = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype)
     if attn:
         kwargs["attn_implementation"] = attn

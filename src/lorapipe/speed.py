@@ -454,6 +454,19 @@ def choose(mode: str, *, batch: int, accum: int, checkpointing: bool, optim: str
     raise ValueError(f"unknown mode {mode}")
 
 
+def reason(requested: str, s: Setting, cuda: bool) -> str:
+    """Why the run has the layout it has, in a few words (preflight's layout line)."""
+    graphs = ("CUDA graphs on (train.cuda_graphs)" if s.compile else
+              "CUDA graphs off: about a minute of compilation per length bucket pays only on long runs")
+    if requested != "auto":
+        return "as configured" + (f"; {graphs}" if s.mode == "speed" and cuda else "")
+    if not cuda:
+        return "auto on a CPU: the recipe's layout"
+    if s.mode == "speed":
+        return f"auto: its estimated peak fits the GPU's free memory; {graphs}"
+    return "auto: speed's estimated peak does not fit the GPU's free memory"
+
+
 def flops_per_token(config, seq_len: float) -> float:
     """Model FLOPs per trained token for LoRA: forward 2N plus backward through activations 2N (frozen weights get no
     weight gradient), plus causal attention; recomputation is not counted (it is overhead, not model work)."""

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, set_seed
 
-from lorapipe import cards, checkpoint, preflight, speed, tracking
+from lorapipe import cards, checkpoint, console, preflight, speed, tracking
 from lorapipe.config import RunCfg
 from lorapipe.errors import UserError
 from lorapipe.models import device_summary, load_model
@@ -169,9 +169,16 @@ def run(cfg: RunCfg, overwrite: bool = False, force: bool = False, restart: bool
     An interrupted run of the same config (runs/<name>.incomplete/) is resumed from its last whole checkpoint;
     `restart` starts it over. SIGTERM/SIGINT save a checkpoint at the next step boundary and raise Stopped.
     """
+    marks = {"start": _process_age_s() or 0.0}  # seconds since the process started, at each stage before the loop
+    clock0 = time.perf_counter() - marks["start"]
+
+    def mark(name: str) -> None:
+        marks[name] = time.perf_counter() - clock0
+
     from peft import get_peft_model, prepare_model_for_kbit_training
     from trl import SFTConfig, SFTTrainer
 
+    mark("imports")
     run_dir = cfg.run_dir()
     if run_dir.exists() and not overwrite:
         raise UserError(f"{run_dir}: already exists; pick another --name or pass --overwrite")
@@ -184,7 +191,10 @@ def run(cfg: RunCfg, overwrite: bool = False, force: bool = False, restart: bool
     main = state is None or state.is_main_process
     with state.main_process_first() if state is not None else contextlib.nullcontext():
         prep = preflight.prepare(cfg)  # rank 0 first: it converts and caches the embedded model once
-    log.info("preflight:\n%s", preflight.summary(prep.report))
+    mark("preflight")
+    if main:
+        log.info("preflight:\n%s%s", preflight.summary(prep.report, examples=console.verbose()),
+                 "" if console.verbose() else "(two rendered examples: preflight.md in the run directory)")
     preflight.check(prep, force)
     cfg.data.format = prep.format  # the resolved format: later stages render prompts the same way
     if prep.report["truncated"]:
@@ -203,10 +213,11 @@ def run(cfg: RunCfg, overwrite: bool = False, force: bool = False, restart: bool
 
     from datasets import Dataset
 
-    log.info("train.mode=%s -> %s; estimated peak %.2f GiB", cfg.train.mode, setting.as_dict(), estimate["total"])
+    log.debug("train.mode=%s -> %s; estimated peak %.2f GiB", cfg.train.mode, setting.as_dict(), estimate["total"])
     rss_before = _current_rss_gib()
     attn = speed.register_varlen() if setting.padding_free else None
     model = load_model(base, cfg.model, cfg.quant, dtype, attn=attn)
+    mark("load")
     if cfg.quant.load_in_4bit and setting.kbit_prep:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=setting.checkpointing,
@@ -216,12 +227,14 @@ def run(cfg: RunCfg, overwrite: bool = False, force: bool = False, restart: bool
         model = get_peft_model(model, _lora_config(cfg, model))
     except ValueError as exc:
         raise UserError(f"lora.target_modules: {exc}") from None
+    mark("lora")
     if setting.cache_dequant:
         speed.cache_dequantized(model, dtype)
     graphs = bool(setting.compile)
     if graphs:
         speed.compile_model(model, setting.compile)
     trainable, total = model.get_nb_trainable_parameters()
+    mark("prepare")
 
     if main:
         write_json(tmp / "preflight.json", prep.report)
@@ -286,6 +299,7 @@ def run(cfg: RunCfg, overwrite: bool = False, force: bool = False, restart: bool
     saver.keep_dtypes(trainer.model)
     if graphs:
         speed.use_cuda_graphs(trainer)
+    mark("trainer")
     start, started_unix = time.perf_counter(), time.time()
     before_loop = _process_age_s()
     with saver.signals():
@@ -315,6 +329,10 @@ def run(cfg: RunCfg, overwrite: bool = False, force: bool = False, restart: bool
         "before_loop_s": round(before_loop, 2) if before_loop is not None else None,  # this process: start to loop
         "loop_started_unix": round(started_unix, 3),
         "first_step_s": round(first.at - start, 2) if first.at else None,
+        # where the time before the loop went: interpreter start and `import lorapipe.train` (start), the training
+        # libraries (imports), data + preflight, loading (+ quantizing) the base, LoRA, caches and compilation
+        # (prepare), building the SFTTrainer (it re-maps the dataset)
+        "before_loop_phases_s": _phases(marks),
         "resumed_from_step": resume.step or None,
         "trainable_params": trainable,
         "total_params": total,
@@ -339,6 +357,14 @@ def run(cfg: RunCfg, overwrite: bool = False, force: bool = False, restart: bool
     checkpoint.finish(tmp)
     promote(tmp, run_dir, overwrite=overwrite)
     return TrainResult(run_dir, train_loss, metrics["steps"], runtime, metrics)
+
+
+def _phases(marks: dict[str, float]) -> dict[str, float]:
+    names, out, prev = list(marks), {}, 0.0
+    for n in names:
+        out[n] = round(marks[n] - prev, 2)
+        prev = marks[n]
+    return out
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -181,14 +181,15 @@ def first_step_logit_diff(a, b, tok, prompts: list[str]) -> float:
     return worst
 
 
-def _vllm_path(p: serve.Plan, texts: list[str], max_tokens: int, eos: set[int], forced: tuple) -> tuple:
+def _vllm_path(p: serve.Plan, texts: list[str], max_tokens: int, eos: set[int], forced: tuple,
+               log_path: Path) -> tuple:
     """Free-running greedy answers through vLLM, and the teacher-forced hits on the reference (prompt_logprobs: the
     rank of every reference token given the prefix before it; 1 = ranked first)."""
-    from vllm import SamplingParams
-
     prompt_ids, ref, stopped, eos_id = forced
-    req = serve.lora_request(p, p.adapters[0]) if p.adapters else None
-    with serve.engine(p) as llm:
+    with serve.engine(p, log_path) as llm:  # vLLM imported inside: its import-time lines go to the log too
+        from vllm import SamplingParams
+
+        req = serve.lora_request(p, p.adapters[0]) if p.adapters else None
         outs = llm.generate(texts, serve.sampling(max_tokens, 0.0), lora_request=req, use_tqdm=False)
         seqs = [{"prompt_token_ids": pi + r} for pi, r in zip(prompt_ids, ref)]
         tf = llm.generate(seqs, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1), lora_request=req,
@@ -265,9 +266,10 @@ def run(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> VerifyR
         outputs[name] = (*hf_greedy(m, tok, texts, v.max_tokens, eos), hf_forced(m, *forced))
         del m
     if v.vllm:
-        outputs["vllm_lora"] = _vllm_path(serve.plan([run_dir], overrides), texts, v.max_tokens, eos, forced)
+        vlog = run_dir / "logs" / "verify.log"
+        outputs["vllm_lora"] = _vllm_path(serve.plan([run_dir], overrides), texts, v.max_tokens, eos, forced, vlog)
         outputs["vllm_merged"] = _vllm_path(serve.plan([run_dir], overrides, merged=True), texts, v.max_tokens, eos,
-                                            forced)
+                                            forced, vlog)
         dtypes["vllm_lora"] = dtypes["vllm_merged"] = dtype
     report["samples"] = [{"instruction": prompts[i]["instruction"][:120],
                           **{name: tok.decode(out[0][i]) for name, out in outputs.items()}}

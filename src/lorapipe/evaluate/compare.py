@@ -51,8 +51,8 @@ def compare(run_dir: str | Path, prompts_path: str | None = None,
     cfg = p.adapters[0].cfg
     prompts = data_mod.load_prompts(prompts_path or cfg.eval.prompts, cfg.eval.num_prompts)
     texts = data_mod.prompts_for(prompts, cfg.data, run_dir / "adapter")
-    params = serve.sampling(cfg.eval.max_tokens, cfg.eval.temperature)
-    with serve.engine(p) as llm:
+    with serve.engine(p, run_dir / "logs" / "compare.log") as llm:
+        params = serve.sampling(cfg.eval.max_tokens, cfg.eval.temperature)
         base = serve.complete(llm, texts, params)
         tuned = serve.complete(llm, texts, params, serve.lora_request(p, p.adapters[0]))
     rows = [{"instruction": r["instruction"], "input": r["input"], "prompt": t, "base": b, "finetuned": f}

