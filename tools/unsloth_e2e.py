@@ -1,11 +1,11 @@
 """`lorapipe bench train --e2e`'s job through Unsloth, for the comparison in BENCHMARKS.md (issue #15).
 
-    python3 tools/unsloth_e2e.py MODEL_DIR DATA.jsonl OUT.json DROPOUT
+    python3 tools/unsloth_e2e.py MODEL_DIR DATA.jsonl OUT.json DROPOUT [CHECKPOINTING]
 
 MODEL_DIR and DATA are what `bench train --e2e --workdir W` made (W/model-<shape>, W/data-<shape>-<n>.jsonl). The
 recipe's hyper-parameters, with Unsloth's own choices where it has them (as its notebooks set them): NF4 4-bit, LoRA
 r=16 alpha=32 on q/k/v/o with DROPOUT (the recipe's 0.05, or Unsloth's fast path 0), gradient checkpointing
-"unsloth", adamw_8bit, lr 2e-4 cosine, warmup 3 %, 1 epoch, effective batch 16 laid out 16 x 1 (as lorapipe's auto
+CHECKPOINTING ("unsloth" by default, or "off"), adamw_8bit, lr 2e-4 cosine, warmup 3 %, 1 epoch, effective batch 16 laid out 16 x 1 (as lorapipe's auto
 lays it out), max_length 512, completion-only loss; Unsloth turns padding-free batching on by itself. It needs its
 own environment (trl<=1.15, datasets<5: tools/unsloth_wheels.sh), not lorapipe's. Writes the same figures as
 bench_e2e (before the loop, first step, loop, real tokens, per-step losses) to OUT.json.
@@ -24,7 +24,7 @@ def age() -> float:
     return float(Path("/proc/uptime").read_text().split()[0]) - int(st[19]) / os.sysconf("SC_CLK_TCK")
 
 
-def main(model_dir: str, data: str, out: str, dropout: float) -> None:
+def main(model_dir: str, data: str, out: str, dropout: float, checkpointing: str = "unsloth") -> None:
     from unsloth import FastLanguageModel  # noqa: I001 (first, before transformers and trl, as Unsloth asks)
     import torch
     from datasets import load_dataset
@@ -36,7 +36,8 @@ def main(model_dir: str, data: str, out: str, dropout: float) -> None:
                                                    dtype=torch.bfloat16)
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=dropout,
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], bias="none",
-                                             use_gradient_checkpointing="unsloth", random_state=42)
+                                             use_gradient_checkpointing=False if checkpointing == "off" else checkpointing,
+                                             random_state=42)
     ds = load_dataset("json", data_files=data, split="train")
     marks: dict[str, float] = {}
     losses: dict[int, float] = {}
@@ -70,10 +71,11 @@ def main(model_dir: str, data: str, out: str, dropout: float) -> None:
            "tokens": tokens, "tokens_per_s": round(tokens / loop, 1), "whole_in_process_s": round(age(), 2),
            "final_loss": losses[max(losses)] if losses else None, "losses": losses,
            "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3), "dropout": dropout,
+           "checkpointing": checkpointing,
            "padding_free": getattr(trainer.args, "padding_free", None)}
     Path(out).write_text(json.dumps(res))
     print(json.dumps({k: v for k, v in res.items() if k != "losses"}))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]))
+    main(sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), *sys.argv[5:6])
