@@ -73,3 +73,15 @@ def test_preflight_verb_writes_report_and_exits_1_on_a_problem(tiny_model, tmp_p
     assert report["examples"] == 8 and report["problems"] == []
     assert main(args + ["--data.max_length", "16"]) == 1  # every response cut away
     assert "PROBLEM" in capsys.readouterr().out
+
+
+def test_fsdp_without_gpus_exits_2_before_any_process_starts(tiny_model, tmp_path):
+    """train.fsdp on a machine without GPUs: accelerate would silently train data-parallel instead. Refused by the
+    launching parent, before torchrun starts and before any model loads; one process is refused too."""
+    for procs in ("2", "1"):
+        r = run_cli("train", "--model.name_or_path", str(tiny_model), "--output_dir", str(tmp_path / "runs"),
+                    "--name", "x", "--train.fsdp", "true", "--train.processes", procs)
+        assert r.returncode == 2, r.stderr
+        assert "error: train.fsdp: FSDP shards the model over GPUs" in r.stderr and "Traceback" not in r.stderr
+        assert "processes (torchrun" not in r.stdout
+    assert not (tmp_path / "runs" / "x").exists()

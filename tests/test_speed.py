@@ -241,3 +241,44 @@ def test_preflight_says_why_auto_chose_its_layout():
     assert low.mode == "memory" and "does not fit" in speed.reason("auto", low, True)
     assert "CUDA graphs on" in speed.reason("auto", dataclasses.replace(fast, compile="model-graphs"), True)
     assert speed.reason("tutorial", speed.choose("tutorial", cuda=True, **kw), True) == "as configured"
+
+
+def test_fsdp_layout_and_memory_estimate_track_the_two_h200_measurements():
+    """train.fsdp over 2 GPUs: each process takes half the effective batch in the mode's layout, without what needs a
+    whole model per GPU or plain tensors; the estimate per GPU follows the peaks measured on 2 H200s (BENCHMARKS.md:
+    Llama-3-8B shape, memory mode, 4.81 GiB training, 7.96 GiB while loading and sharding), within 20 %."""
+    import dataclasses
+
+    from transformers import LlamaConfig
+
+    from lorapipe.bench import SHAPES, _synthetic_data, settings
+    from lorapipe.errors import UserError
+    from lorapipe.speed import check_fsdp, estimate_memory, for_fsdp, micro_tokens, per_process
+
+    mem = dataclasses.replace(settings()["memory"], liger=True)
+    two = for_fsdp(per_process(mem, 2), 2)
+    assert (two.micro_batch, two.accum, two.shards, two.checkpointing, two.padding_free) == (4, 2, 2, True, True)
+    assert (two.optim, two.kbit_prep, two.cache_dequant) == ("adamw_torch", False, False)  # no bitsandbytes optimizer
+    fast = for_fsdp(per_process(settings()["speed+graphs"], 2), 2)
+    assert (fast.compile, fast.async_host, fast.cache_dequant, fast.micro_batch) == ("", False, False, 8)
+
+    h, inter, layers, heads, kv, vocab = SHAPES["llama3-8b"]
+    config = LlamaConfig(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv, vocab_size=vocab)
+    rows = _synthetic_data(240, vocab, 0, 64, 512)
+    share = sum(sum(r["completion_mask"]) for r in rows) / sum(len(r["input_ids"]) for r in rows)
+
+    def est(s):
+        tokens = micro_tokens([len(r["input_ids"]) for r in rows], s.micro_batch, s.padding_free)
+        return estimate_memory(config, s, tokens, quantized=True, dtype_bytes=2, r=16, loss_share=share,
+                               targets=["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    one, sharded = est(mem), est(two)
+    assert "loading" not in one and sharded["weights"] < 0.6 * one["weights"]
+    assert abs(sharded["total"] / 4.81 - 1) <= 0.2, sharded
+    assert abs(sharded["loading"] / 7.96 - 1) <= 0.2, sharded
+    with pytest.raises(UserError, match="train.fsdp: FSDP shards the model over GPUs"):
+        check_fsdp(2, cuda=False)
+    with pytest.raises(UserError, match="--train.processes N"):
+        check_fsdp(1, cuda=True)
+    check_fsdp(2, cuda=True)

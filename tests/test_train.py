@@ -92,3 +92,53 @@ def test_all_linear_targets(tiny_cfg):
     r = train.run(tiny_cfg(name="alllin", **{"lora.target_modules": "all-linear", "train.max_steps": 1}))
     acfg = json.loads((r.run_dir / "adapter" / "adapter_config.json").read_text())
     assert set(acfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_fsdp_adapter_is_written_as_peft_writes_it_through_checkpoint_wrappers(tiny_model, tmp_path):
+    """An FSDP run's adapter: FSDP's activation checkpointing wraps every decoder layer, which renames the LoRA
+    weights (`layers.0._checkpoint_wrapped_module.self_attn...`), and PEFT's save_pretrained, given the gathered
+    weights, then wrote none of them (seen on 2 H200s). lorapipe gathers and writes them itself: the same file, keys,
+    values and config as PEFT writes for the unwrapped model."""
+    import functools
+
+    import torch
+    import torch.distributed as dist
+    from peft import get_peft_model
+    from safetensors.torch import load_file
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+    from transformers import AutoModelForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from lorapipe.config import RunCfg
+
+    cfg = RunCfg.model_validate({"model": {"name_or_path": str(tiny_model)}})
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model = get_peft_model(base, train._lora_config(cfg, base))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()  # not the zeros they start at, so that values are compared too
+    model.save_pretrained(tmp_path / "peft")
+    apply_activation_checkpointing(model, checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper),
+                                   check_fn=lambda m: isinstance(m, LlamaDecoderLayer))
+    assert any("_checkpoint_wrapped_module" in n for n, _ in model.named_parameters())
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        weights = train._gather_adapter(model)
+    finally:
+        if started:
+            dist.destroy_process_group()
+    train._save_adapter(model, weights, tmp_path / "ours")
+    want, got = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("peft", "ours"))
+    assert sorted(got) == sorted(want) and len(want) > 0
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    cw, cg = (json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("peft", "ours"))
+    cw["target_modules"], cg["target_modules"] = sorted(cw["target_modules"]), sorted(cg["target_modules"])
+    assert cg == cw

@@ -13,8 +13,9 @@ CLI verb in a fresh process per setting and reads what that run wrote (metrics.j
                  Trainer the same way in every mode
   loss_diff_pct  the largest per-step difference of the logged loss from the first row's, in percent
 
-Settings: a train.mode (tutorial, speed, memory, auto), optionally `+graphs` (train.cuda_graphs) and `:N` (N
-data-parallel processes, train.processes), e.g. `tutorial,auto,speed:2`. The first row is the reference.
+Settings: a train.mode (tutorial, speed, memory, auto), optionally `+graphs` (train.cuda_graphs) or `+fsdp`
+(train.fsdp) and `:N` (N processes, train.processes), e.g. `tutorial,auto,speed:2,memory+fsdp:2`. The first row
+is the reference.
 """
 
 from __future__ import annotations
@@ -33,15 +34,16 @@ MODES = ("tutorial", "speed", "memory", "auto")
 
 
 def parse_setting(text: str) -> tuple[str, dict[str, str]]:
-    """'speed+graphs:2' -> ('speed+graphs:2', {train.mode: speed, train.cuda_graphs: true, train.processes: 2})."""
+    """'speed+graphs:2' -> ('speed+graphs:2', {train.mode: speed, train.cuda_graphs: true, train.processes: 2});
+    'memory+fsdp:2' -> train.fsdp true."""
     head, _, procs = text.partition(":")
     mode, _, extra = head.partition("+")
-    if mode not in MODES or extra not in ("", "graphs") or (procs and not procs.isdigit()) or procs == "0":
-        raise UserError(f"--settings: cannot read '{text}'; write MODE[+graphs][:PROCESSES] with MODE one of "
-                        f"{', '.join(MODES)} (e.g. tutorial,auto,speed:2)")
+    if mode not in MODES or extra not in ("", "graphs", "fsdp") or (procs and not procs.isdigit()) or procs == "0":
+        raise UserError(f"--settings: cannot read '{text}'; write MODE[+graphs|+fsdp][:PROCESSES] with MODE one of "
+                        f"{', '.join(MODES)} (e.g. tutorial,auto,speed:2,memory+fsdp:2)")
     out = {"train.mode": mode, "train.processes": procs or "1"}
     if extra:
-        out["train.cuda_graphs"] = "true"
+        out["train.cuda_graphs" if extra == "graphs" else "train.fsdp"] = "true"
     return text, out
 
 
@@ -110,7 +112,8 @@ def run_setting(label: str, overrides: dict[str, str], cfg_path: Path, workdir: 
                after_loop_s=round(wall - before - m["runtime_s"], 1), steps=m["steps"],
                tokens=m["tokens_seen"], tokens_per_s=m["tokens_per_s"],
                layout=f"{m['layout'].get('micro_batch')}x{m['layout'].get('accum')}", final_loss=None,
-               peak_gpu_gib=m.get("peak_gpu_mem_gib"), mode=m["layout"].get("mode"), run_dir=str(run_dir),
+               peak_gpu_gib=m.get("peak_gpu_mem_gib"), peak_loading_gib=m.get("peak_gpu_mem_loading_gib"),
+               peak_training_gib=m.get("peak_gpu_mem_training_gib"), mode=m["layout"].get("mode"), run_dir=str(run_dir),
                before_loop_parts=m.get("before_loop_phases_s"))
     losses = _losses(run_dir)
     if losses:
@@ -156,7 +159,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
                   f"{m['date']} (first row: the reference)")
     cols = ["setting", "mode", "processes", "layout", "steps", "wall_s", "wall_vs_first", "before_loop_s",
             "first_step_s", "loop_s", "loop_vs_first", "after_loop_s", "tokens", "tokens_per_s", "final_loss",
-            "loss_diff_pct", "peak_gpu_gib", "error"]
+            "loss_diff_pct", "peak_gpu_gib", "peak_loading_gib", "peak_training_gib", "error"]
     cols = [c for c in cols if any(r.get(c) is not None for r in rows)]
     for c in cols:
         table.add_column(c, overflow="fold")

@@ -51,7 +51,9 @@ def cmd_train(ns: argparse.Namespace) -> int | None:
     cfg = load_config(ns.config, _overrides(ns))
     n = launch.wanted(cfg)
     if n:
-        print(f"training in {n} data-parallel processes (torchrun; train.processes)", flush=True)
+        launch.check(cfg, n)
+        print(f"training in {n} {'FSDP-sharded' if cfg.train.fsdp else 'data-parallel'} processes (torchrun; "
+              "train.processes)", flush=True)
         return launch.train(cfg, n, overwrite=ns.overwrite, force=ns.force, restart=ns.restart)
     from lorapipe import train  # after the launch decision: a launching parent needs none of the training stack
 
@@ -422,7 +424,7 @@ VERBS = {
         p.add_argument("--port", type=int, default=8000, help="serve: port of the online rows' server"),
         p.add_argument("--settings", default=None, help="train/parity: settings to compare (see "
                        "`lorapipe.bench.settings`: tutorial, speed, memory, flags, ablations; default tutorial,speed,"
-                       "memory); train --e2e: MODE[+graphs][:PROCESSES], default tutorial,auto"),
+                       "memory); train --e2e: MODE[+graphs|+fsdp][:PROCESSES], default tutorial,auto"),
         p.add_argument("--e2e", action="store_true", help="train: run `lorapipe train` itself per setting (whole "
                        "command: wall, time before the loop, first step, loop, real tokens/s; see "
                        "lorapipe.bench_e2e)"),

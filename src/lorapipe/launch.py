@@ -29,9 +29,18 @@ def wanted(cfg: RunCfg) -> int:
     return n if n > 1 else 0
 
 
+def check(cfg: RunCfg, n: int) -> None:
+    """What can be refused before `n` processes start: an effective batch that does not split, FSDP without GPUs."""
+    speed.split(cfg.train.per_device_train_batch_size, cfg.train.gradient_accumulation_steps, n)  # every mode keeps
+    if cfg.train.fsdp:
+        import torch
+
+        speed.check_fsdp(n, torch.cuda.is_available())
+
+
 def train(cfg: RunCfg, n: int, overwrite: bool = False, force: bool = False, restart: bool = False) -> int:
     """Run `lorapipe train` in `n` processes under torchrun and wait; the exit code of the launch."""
-    speed.split(cfg.train.per_device_train_batch_size, cfg.train.gradient_accumulation_steps, n)  # every mode keeps
+    check(cfg, n)
     config = Path(cfg.output_dir) / f".{cfg.name}.launch.yaml"
     write_text(config, dump_config(cfg))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",

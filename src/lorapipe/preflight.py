@@ -70,16 +70,36 @@ def layout(cfg: RunCfg, base: str, rows: list[dict], dtype: torch.dtype) -> tupl
     cuda = torch.cuda.is_available()
     free = torch.cuda.mem_get_info()[0] / 2**30 if cuda else None
     t = cfg.train
+    world = processes(cfg)
+    if t.fsdp:
+        speed.check_fsdp(world, cuda)
+
+    def sharded(s: speed.Setting) -> speed.Setting:  # train.fsdp: what each GPU of the run holds
+        return speed.for_fsdp(speed.per_process(s, world), world)
+
+    def fits(s: speed.Setting) -> bool:
+        est = estimate(sharded(s) if t.fsdp else s)
+        return max(est["total"], est.get("loading", 0.0)) <= 0.9 * free
+
     optim = t.optim if t.optim != "auto" else ("paged_adamw_32bit" if cuda else "adamw_torch")
     setting = speed.choose(t.mode, batch=t.per_device_train_batch_size, accum=t.gradient_accumulation_steps,
                            checkpointing=t.gradient_checkpointing, optim=optim, quantized=cfg.quant.load_in_4bit,
-                           cuda=cuda, fits=(lambda s: estimate(s)["total"] <= 0.9 * free) if cuda else None)
+                           cuda=cuda, fits=fits if cuda else None)
+    if t.fsdp:
+        if t.cuda_graphs:
+            log.warning("train.cuda_graphs: not with train.fsdp (FSDP gathers each layer's shards around it, "
+                        "outside a graph); ignored")
+        setting = sharded(setting)
+        est = estimate(setting)
+        if free is not None:
+            est["gpu_free"] = round(free, 2)
+        return setting, est
     if t.cuda_graphs and cuda and setting.mode == "speed":
         setting = dataclasses.replace(setting, liger=False, compile="model-graphs", async_host=True)
     elif t.cuda_graphs:
         log.warning("train.cuda_graphs applies to speed mode on CUDA; this run is %s mode%s: ignored",
                     setting.mode, "" if cuda else " on CPU")
-    setting = speed.per_process(setting, processes(cfg))
+    setting = speed.per_process(setting, world)
     est = estimate(setting)
     if free is not None:
         est["gpu_free"] = round(free, 2)
@@ -197,7 +217,9 @@ def summary(report: dict[str, Any], examples: bool = True) -> str:
         + (f", compiled: {lay['compile']} (CUDA graphs)" if lay["compile"] else ""),
         f"- estimated peak memory on {r['device']}: {mem['total']:.2f} GiB (weights {mem['weights']:.2f}, "
         f"activations {mem['activations']:.2f}, logits {mem['logits']:.2f}"
-        + (f"; GPU free {mem['gpu_free']:.1f}" if "gpu_free" in mem else "") + ")",
+        + (f"; GPU free {mem['gpu_free']:.1f}" if "gpu_free" in mem else "") + ")"
+        + (f" per GPU; loading holds the whole 4-bit base on each GPU once: {mem['loading']:.2f} GiB"
+           if "loading" in mem else ""),
         f"- steps: {r['steps']} (effective batch {r['effective_batch']})",
     ]
     for p in r["problems"]:

@@ -312,6 +312,7 @@ class Setting:
     optim: str
     compile: str = ""  # "" (eager) or a `compile_model` kind
     async_host: bool = False  # with compile: no host-device sync inside a step (`sft_trainer`)
+    shards: int = 1  # FSDP: the 4-bit base, LoRA weights, gradients and optimizer state split over this many GPUs
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -340,6 +341,34 @@ def per_process(setting: Setting, world: int) -> Setting:
     share = split(setting.micro_batch, setting.accum, world)
     micro = max(d for d in range(1, min(setting.micro_batch, share) + 1) if share % d == 0)
     return replace(setting, micro_batch=micro, accum=share // micro)
+
+
+# bitsandbytes' optimizers index their states by raw tensor pointers and cannot step FSDP's sharded DTensor
+# parameters; LoRA's optimizer state is small and already split over the GPUs, so plain AdamW costs little there
+BNB_OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw", "lion_8bit",
+                  "paged_lion_8bit", "paged_lion_32bit")
+
+
+def check_fsdp(processes: int, cuda: bool) -> None:
+    """train.fsdp needs GPUs and more than one process; refused before any model loads (exit 2)."""
+    from lorapipe.errors import UserError
+
+    if not cuda:
+        raise UserError("train.fsdp: FSDP shards the model over GPUs, and none is visible. accelerate runs FSDP only "
+                        "on accelerators (on CPU it would silently train data-parallel instead); drop --train.fsdp")
+    if processes < 2:
+        raise UserError("train.fsdp: sharding needs several processes, one per GPU; add --train.processes N "
+                        "(N GPUs), or drop --train.fsdp to train on one GPU")
+
+
+def for_fsdp(setting: Setting, world: int) -> Setting:
+    """The layout of an FSDP-QLoRA run over `world` GPUs: the mode's batch layout and checkpointing, without what
+    assumes a whole model per GPU or plain tensors: no cached dequantized weights (a full-precision copy of every
+    weight, unsharded), no k-bit preparation (it upcasts the norms and embeddings to fp32, and FSDP shards groups of
+    one dtype), no compilation, and torch's AdamW in place of bitsandbytes' optimizers."""
+    optim = "adamw_torch" if setting.optim in BNB_OPTIMIZERS else setting.optim
+    return replace(setting, cache_dequant=False, kbit_prep=False, compile="", async_host=False, optim=optim,
+                   shards=world)
 
 
 def _shape(config) -> dict:
@@ -389,6 +418,10 @@ def estimate_memory(config, setting: Setting, tokens_per_micro: int, *, quantize
     lp = lora_params(s, r, targets)
     optim_bytes = {"paged_adamw_8bit": 2, "adamw_8bit": 2}.get(setting.optim, 8)
     lora = lp * (4 + 4 + optim_bytes)  # fp32 weights + grads + optimizer states (TRL keeps LoRA fp32 unless QLoRA)
+    loading = weights  # FSDP: transformers quantizes on the GPU, so each GPU holds the whole 4-bit base once
+    if setting.shards > 1:  # each GPU keeps its share, plus the layers gathered for compute (this one, the next)
+        layer = (weights - other * wbytes) / layers
+        weights, lora = weights / setting.shards + 2 * layer, lora / setting.shards
     n_lora_in = len([t for t in targets if t in LORA_NAMES])
     q, kv = s["heads"] * s["head_dim"], s["kv"] * s["head_dim"]
     # k-bit prep upcasts the embeddings, so the residual stream (and what the frozen layers return) is fp32
@@ -412,6 +445,8 @@ def estimate_memory(config, setting: Setting, tokens_per_micro: int, *, quantize
     parts["workspace"] = (h * inter * wbytes if quantized and not setting.cache_dequant else 0) + 0.05 * sum(
         parts.values())
     parts["total"] = sum(parts.values())
+    if setting.shards > 1:  # while accelerate shards it, the whole base and the shards coexist (measured: 1.47x
+        parts["loading"] = loading * (1 + 1 / setting.shards) * 1.05  # the one-GPU loading peak on 2 GPUs, 8B)
     return {k: round(v / 2**30, 3) for k, v in parts.items()}
 
 
@@ -456,6 +491,9 @@ def choose(mode: str, *, batch: int, accum: int, checkpointing: bool, optim: str
 
 def reason(requested: str, s: Setting, cuda: bool) -> str:
     """Why the run has the layout it has, in a few words (preflight's layout line)."""
+    if s.shards > 1:
+        return (f"FSDP over {s.shards} GPUs (train.fsdp): the 4-bit base, LoRA and its optimizer state sharded, "
+                f"{requested} mode's batch layout")
     graphs = ("CUDA graphs on (train.cuda_graphs)" if s.compile else
               "CUDA graphs off: about a minute of compilation per length bucket pays only on long runs")
     if requested != "auto":
