@@ -90,16 +90,13 @@ def layout(cfg: RunCfg, base: str, rows: list[dict], dtype: torch.dtype) -> tupl
             log.warning("train.cuda_graphs: not with train.fsdp (FSDP gathers each layer's shards around it, "
                         "outside a graph); ignored")
         setting = sharded(setting)
-        est = estimate(setting)
-        if free is not None:
-            est["gpu_free"] = round(free, 2)
-        return setting, est
-    if t.cuda_graphs and cuda and setting.mode == "speed":
-        setting = dataclasses.replace(setting, liger=False, compile="model-graphs", async_host=True)
-    elif t.cuda_graphs:
-        log.warning("train.cuda_graphs applies to speed mode on CUDA; this run is %s mode%s: ignored",
-                    setting.mode, "" if cuda else " on CPU")
-    setting = speed.per_process(setting, world)
+    else:
+        if t.cuda_graphs and cuda and setting.mode == "speed":
+            setting = dataclasses.replace(setting, liger=False, compile="model-graphs", async_host=True)
+        elif t.cuda_graphs:
+            log.warning("train.cuda_graphs applies to speed mode on CUDA; this run is %s mode%s: ignored",
+                        setting.mode, "" if cuda else " on CPU")
+        setting = speed.per_process(setting, world)
     est = estimate(setting)
     if free is not None:
         est["gpu_free"] = round(free, 2)

@@ -408,9 +408,8 @@ def _fsdp_precision(trainer, dtype: torch.dtype) -> None:
     '_unsharded_param')."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)  # None only where FSDP cannot run (CPU)
-    if plugin is not None:
-        plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=dtype)
+    trainer.accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=dtype,
+                                                                                         reduce_dtype=dtype)
 
 
 def _gather_adapter(model) -> dict[str, torch.Tensor] | None:
