@@ -180,3 +180,58 @@ def test_changed_data_file_is_refused(tiny_cfg, tmp_path, monkeypatch):
     data.write_text("\n".join([json.dumps(first)] + lines[1:]) + "\n")
     with pytest.raises(UserError, match="the training data changed"):
         train.run(make())
+
+
+def _step_end(saver: checkpoint.Checkpoints, step: int, max_steps: int = 100) -> bool:
+    from transformers import TrainerControl, TrainerState
+
+    control = TrainerControl()
+    saver.on_step_end(None, TrainerState(global_step=step, max_steps=max_steps), control)
+    return control.should_save
+
+
+def test_default_cadence_is_a_tenth_of_the_run_but_not_within_a_minute(monkeypatch):
+    from transformers import TrainerControl, TrainerState
+
+    clock = [1000.0]
+    monkeypatch.setattr(checkpoint.time, "monotonic", lambda: clock[0])
+    saver = checkpoint.Checkpoints(None, 0)
+    saver.on_train_begin(None, TrainerState(max_steps=100), TrainerControl())
+    clock[0] += 5
+    assert not _step_end(saver, 10)  # a tenth of the run, 5 s in: too soon
+    clock[0] += 56
+    assert not _step_end(saver, 15)  # a minute in, but not a tenth
+    assert _step_end(saver, 20)
+    saver.last = clock[0]  # saved
+    clock[0] += 30
+    assert not _step_end(saver, 30) and not _step_end(saver, 100)  # the last step: the run's end saves the adapter
+
+    explicit = checkpoint.Checkpoints(10, 0)  # asked for: every 10 steps, however soon
+    explicit.on_train_begin(None, TrainerState(max_steps=100), TrainerControl())
+    assert _step_end(explicit, 10) and not _step_end(explicit, 11)
+    explicit.signal = signal.SIGTERM  # a stop saves at once
+    assert _step_end(explicit, 11)
+
+
+def test_a_save_is_sealed_beside_training_and_its_failure_is_raised(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    ckpt = tmp_path / "checkpoint-3"
+    ckpt.mkdir()
+    (ckpt / "adapter_model.safetensors").write_bytes(b"x" * 1000)
+    saver = checkpoint.Checkpoints(None, 0)
+    args, state = SimpleNamespace(output_dir=str(tmp_path)), TrainerState(global_step=3, max_steps=10)
+    saver.on_save(args, state, TrainerControl())
+    saver.on_train_end(args, state, TrainerControl())  # waits
+    assert saver.sealing is None and checkpoint.last_trusted(tmp_path) == ckpt
+
+    def full(path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "seal", full)
+    saver.on_save(args, state, TrainerControl())
+    with pytest.raises(OSError, match="No space left"):
+        saver.wait()
+    saver.wait()  # raised once

@@ -5,7 +5,12 @@ writes checkpoints into its `logs/checkpoint-N/`: adapter, optimizer, scheduler,
 which holds the data position. A checkpoint is trusted only once lorapipe has flushed every file of it to disk and
 then written `lorapipe-checkpoint.json` beside them (each file's size and sha256): a crash while a checkpoint is
 being written leaves one without that manifest, which resume discards. The Trainer keeps the last two checkpoints,
-so a crash in the middle of a save still leaves the one before it whole.
+so a crash in the middle of a save still leaves the one before it whole. Sealing (fsync, hashing) runs beside the
+next steps and is waited for before the next save, so that one still finds the one before it sealed.
+
+By default a checkpoint is saved every tenth of the run, but not within a minute of the last: each save stops every
+process (about 0.3 s for a Llama-3-8B adapter and its optimizer state on an H200 host, 4.6 s once while the disk was
+still writing out a freshly saved model), and saving every tenth made a 22-second loop 19-45 % longer.
 
 Resume refuses, with what differs and how to start over, a run whose config (model, quantization, LoRA, data,
 training), training data, or library versions changed since it began, and a checkpoint whose files no longer match
@@ -22,6 +27,7 @@ import os
 import re
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -246,10 +252,14 @@ def finish(folder: Path) -> None:
         (folder / name).unlink(missing_ok=True)
 
 
+# the default cadence (save_steps unset) skips a tenth-of-the-run save this soon after the last one
+MIN_GAP_S = 60.0
+
+
 class Checkpoints(TrainerCallback):
-    """When to save (every `save_steps`, default a tenth of the run; and every `save_minutes`), seal each save, and
-    stop at the next step boundary, saved, once SIGTERM or SIGINT arrived (the way preemptible machines, SLURM and
-    Ctrl-C stop a job). A second Ctrl-C stops at once."""
+    """When to save (every `save_steps`; by default every tenth of the run, at most once a minute; and every
+    `save_minutes`), seal each save, and stop at the next step boundary, saved, once SIGTERM or SIGINT arrived (the
+    way preemptible machines, SLURM and Ctrl-C stop a job). A second Ctrl-C stops at once."""
 
     def __init__(self, save_steps: int | None, save_minutes: float):
         self.dtypes: dict[str, torch.dtype] = {}
@@ -258,6 +268,8 @@ class Checkpoints(TrainerCallback):
         self.every = 1
         self.last = time.monotonic()
         self.signal: int | None = None
+        self.sealing: threading.Thread | None = None
+        self.seal_error: BaseException | None = None
 
     def keep_dtypes(self, model) -> None:
         """TRL keeps a QLoRA adapter in bf16, but the Trainer's resume reloads it through PEFT, which upcasts it to
@@ -294,9 +306,10 @@ class Checkpoints(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kw):
         stop = self.signal is not None
+        since = time.monotonic() - self.last
+        due = state.global_step % self.every == 0 and (self.save_steps is not None or since >= MIN_GAP_S)
         save = stop or (state.global_step < state.max_steps and (
-            state.global_step % self.every == 0
-            or bool(self.save_minutes and time.monotonic() - self.last >= self.save_minutes * 60)))
+            due or bool(self.save_minutes and since >= self.save_minutes * 60)))
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # every process saves and stops at the same step: a signal may reach them at different steps, and
             # their clocks differ
@@ -305,6 +318,8 @@ class Checkpoints(TrainerCallback):
             save, stop = bool(flags[0]), bool(flags[1])
             if stop and self.signal is None:
                 self.signal = signal.SIGTERM  # another process was told to stop
+        if save:
+            self.wait()  # the Trainer deletes the oldest of its two checkpoints as it writes the next one
         control.should_save = control.should_save or save
         control.should_training_stop = control.should_training_stop or stop
 
@@ -312,5 +327,26 @@ class Checkpoints(TrainerCallback):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()  # every process has written its part (its RNG state) before the seal
         if state.is_world_process_zero:
-            seal(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+            self.wait()
+            self.sealing = threading.Thread(target=self._seal, name="lorapipe-seal",
+                                            args=(Path(args.output_dir) / f"checkpoint-{state.global_step}",))
+            self.sealing.start()  # not a daemon: an exiting process still finishes the seal
         self.last = time.monotonic()
+
+    def on_train_end(self, args, state, control, **kw):
+        self.wait()  # a stop's message says the checkpoint is saved; the run's end removes the checkpoints
+
+    def _seal(self, ckpt: Path) -> None:
+        try:
+            seal(ckpt)
+        except BaseException as e:  # raised in the training thread by wait()
+            self.seal_error = e
+
+    def wait(self) -> None:
+        """Until the last save is sealed; its error, if sealing failed (a disk that filled up, say), is raised here."""
+        if self.sealing is not None:
+            self.sealing.join()
+            self.sealing = None
+        if self.seal_error is not None:
+            error, self.seal_error = self.seal_error, None
+            raise error
