@@ -86,3 +86,21 @@ def test_a_batch_that_does_not_split_is_refused_before_anything_loads(tiny_model
     assert proc.returncode == 2
     assert "effective batch 2 x 2 = 4 does not split over 3 processes" in err and "--train.processes 2" in err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_more_processes_than_gpus_is_refused_before_torchrun(tiny_cfg, monkeypatch):
+    """Each process takes the GPU of its local rank; a third process on two GPUs would fail on a device that does not
+    exist, once per process. Refused by the launching parent with what to do (exit 2 in the CLI)."""
+    import torch
+
+    from lorapipe import launch
+    from lorapipe.errors import UserError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    cfg = tiny_cfg(**{"train.per_device_train_batch_size": 4, "train.gradient_accumulation_steps": 4})
+    launch.check(cfg, 2)
+    with pytest.raises(UserError, match=r"^train\.processes 4: one process per GPU, and 2 GPUs are visible "
+                                        r"\(CUDA_VISIBLE_DEVICES=0,1\); use --train\.processes 2 or fewer$"):
+        launch.check(cfg, 4)

@@ -30,11 +30,20 @@ def wanted(cfg: RunCfg) -> int:
 
 
 def check(cfg: RunCfg, n: int) -> None:
-    """What can be refused before `n` processes start: an effective batch that does not split, FSDP without GPUs."""
-    speed.split(cfg.train.per_device_train_batch_size, cfg.train.gradient_accumulation_steps, n)  # every mode keeps
-    if cfg.train.fsdp:
-        import torch
+    """What can be refused before `n` processes start: an effective batch that does not split, more processes than
+    GPUs (each process takes the GPU of its local rank: the extra ones would fail on a device that does not exist,
+    once per process), FSDP without GPUs."""
+    import torch
 
+    speed.split(cfg.train.per_device_train_batch_size, cfg.train.gradient_accumulation_steps, n)  # every mode keeps
+    if torch.cuda.is_available() and n > torch.cuda.device_count():
+        from lorapipe.errors import UserError
+
+        gpus = torch.cuda.device_count()
+        raise UserError(f"train.processes {n}: one process per GPU, and {gpus} GPU{'s' * (gpus != 1)} "
+                        f"{'are' if gpus != 1 else 'is'} visible (CUDA_VISIBLE_DEVICES="
+                        f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use --train.processes {gpus} or fewer")
+    if cfg.train.fsdp:
         speed.check_fsdp(n, torch.cuda.is_available())
 
 
