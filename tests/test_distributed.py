@@ -62,6 +62,10 @@ def test_two_processes_keep_the_recipe_and_stop_and_resume_together(tiny_model, 
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert err.count("stopped: SIGTERM") == 1, err  # rank 0 speaks for both
     assert f"resume with: lorapipe train {partial / 'config.yaml'}" in err
+    import torch  # what the Trainer wrapped the model in DDP with, as its checkpoint recorded it
+
+    args = torch.load(sorted((partial / "logs").glob("checkpoint-*/training_args.bin"))[-1], weights_only=False)
+    assert args.ddp_broadcast_buffers is False and args.ddp_find_unused_parameters is False
 
     proc = _train(str(partial / "config.yaml"))
     out, err = proc.communicate(timeout=300)

@@ -14,6 +14,7 @@ import os
 import platform
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -296,6 +297,9 @@ def run(cfg: RunCfg, overwrite: bool = False, force: bool = False, restart: bool
         dataset_num_proc=None,
         ddp_find_unused_parameters=False,  # LoRA's trainable parameters all take part in every step; True costs
         # DDP a traversal of the autograd graph per step (and the Trainer picks True whenever checkpointing is off)
+        ddp_broadcast_buffers=False,  # DDP's default re-sends every buffer from rank 0 before each forward: in speed
+        # mode the cached dequantized weights (speed.cache_dequantized), ~14 GB for an 8B model. Every process
+        # computes the same buffers from the same weights
         include_num_input_tokens_seen="non_padding",  # real tokens in every mode (padded batches too)
         disable_tqdm=False,
         **speed.async_args(setting.async_host),  # set only with CUDA graphs (preflight)
@@ -304,6 +308,8 @@ def run(cfg: RunCfg, overwrite: bool = False, force: bool = False, restart: bool
         log.warning("%d GPUs visible: training on GPU %d only (--train.processes %d trains data-parallel on all "
                     "of them)", args.n_gpu, torch.cuda.current_device(), args.n_gpu)
         args._n_gpu = 1
+    # torch >= 2.13 renamed DDP's broadcast_buffers (the Trainer still passes that name) and warns once per process
+    warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
     trainer_cls = speed.sft_trainer(setting.async_host) if graphs else SFTTrainer
     saver = checkpoint.Checkpoints(t.save_steps, t.save_minutes)
     first = _FirstStep()
