@@ -159,10 +159,10 @@ class TrainCfg(_Section):
     eval_steps: int = Field(50, gt=0, description="Validation loss every N optimizer steps (and at the end), when "
                             "there is a validation set (data.val_size or data.val_source).")
     save_steps: int | None = Field(None, gt=0, description="Save a resumable checkpoint (adapter, optimizer, "
-                                   "scheduler, RNG, data position) every N steps. Default: every tenth of the run, but not within a minute of "
-                                   "the last save (a save stops training: about 0.3 s for a Llama-3-8B adapter on an H200 host, "
-                                   "seconds while the disk still writes out a model; on short runs, saving every tenth "
-                                   "made the loop 19-45 % longer).")
+                                   "scheduler, RNG, data position) every N steps. Default: every tenth of the run, "
+                                   "but not within a minute of the last save (a save stops training: about 0.3 s for "
+                                   "a Llama-3-8B adapter on an H200 host, seconds while the disk still writes out a "
+                                   "model; on short runs, saving every tenth made the loop 19-45 % longer).")
     save_minutes: float = Field(10.0, ge=0, description="Also save a checkpoint when this many minutes of training "
                                 "passed since the last one (0: off).")
     seed: int = Field(42, description="Random seed for data order and adapter initialisation.")
