@@ -108,3 +108,35 @@ def test_more_processes_than_gpus_is_refused_before_torchrun(tiny_cfg, monkeypat
     with pytest.raises(UserError, match=r"^train\.processes 4: one process per GPU, and 2 GPUs are visible "
                                         r"\(CUDA_VISIBLE_DEVICES=0,1\); use --train\.processes 2 or fewer$"):
         launch.check(cfg, 4)
+
+
+def test_sync_free_step_of_cuda_graphs_keeps_trl_figures_in_two_processes(tiny_model, tmp_path):
+    """`train.cuda_graphs` with DDP: the sync-free step (speed.sft_trainer) gathers its figures from every process
+    only when a step logs, saves or ends. Two processes log TRL's own loss, gradient norm, entropy, accuracy and
+    token count, and their loss, gradient norm, entropy and accuracy equal one process's over the same 8 examples
+    a step; the Trainer's count is every process's real tokens."""
+    import sys as _sys
+
+    sys_path = str(Path(__file__).parent)
+    if sys_path not in _sys.path:
+        _sys.path.insert(0, sys_path)
+    from test_speed import _graphs_trainer_run
+
+    out = tmp_path / "two.json"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(Path(__file__).parent / "graphs_ddp.py"), str(tiny_model), str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads(out.read_text())
+    one, one_seen, real = _graphs_trainer_run(tiny_model, tmp_path / "one", async_host=True, batch=8)
+    fast, ref = two["async"], two["trl"]
+    assert len(fast["logged"]) == len(ref["logged"]) == len(one) == 2
+    for a, b, c in zip(fast["logged"], ref["logged"], one):
+        for key in ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), key  # TRL's figures, gathered from both processes
+        for key in ("loss", "entropy", "mean_token_accuracy"):
+            assert a[key] == pytest.approx(c[key], rel=1e-4), key  # one process over the same examples
+        # AdamW's first steps move each weight by about lr whatever its gradient's size, so the sums' order (one
+        # process or two) shows in the next gradients' norm a little more than in the loss
+        assert a["grad_norm"] == pytest.approx(c["grad_norm"], rel=2e-3)
+    assert fast["seen"] == one_seen == 2 * real < ref["seen"]  # 4 steps x 8 = every row twice; TRL's includes padding

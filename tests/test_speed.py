@@ -61,6 +61,17 @@ def test_cached_dequantized_weights_give_bitsandbytes_outputs(tiny_model):
     torch.testing.assert_close(emb.grad, ref_grad, atol=1e-5, rtol=1e-5)
 
 
+def test_cuda_graphs_compile_large_models_layer_by_layer():
+    """train.cuda_graphs: the whole stack as one graph for small models, one graph per layer from a hidden size of
+    4,096, whose whole stack compiles ~107 s per bucket for no shorter step (speed.graphs_kind)."""
+    from transformers import LlamaConfig
+
+    from lorapipe import speed
+
+    assert speed.graphs_kind(LlamaConfig(hidden_size=2048, intermediate_size=5632)) == "model-graphs"  # TinyLlama
+    assert speed.graphs_kind(LlamaConfig(hidden_size=4096, intermediate_size=14336)) == "graphs"  # Llama-3-8B
+
+
 def test_choose_modes():
     from lorapipe.speed import choose
 
@@ -180,9 +191,11 @@ def test_cuda_graphs_train_matches_eager_speed_mode(tiny_cfg):
     assert abs(graphed["eval_loss"] / eager["eval_loss"] - 1) < 0.02
 
 
-def _graphs_trainer_run(tiny_model, out, async_host: bool) -> tuple[list[dict], int, int]:
+def _graphs_trainer_run(tiny_model, out, async_host: bool, batch: int = 4) -> tuple[list[dict], int, int]:
     """Four steps of the CUDA-graphs trainer class over BucketCollator batches, eagerly (on CUDA, TRL's fused head
-    uses its Triton kernels and gathers the loss positions, which the sync-free step avoids)."""
+    uses its Triton kernels and gathers the loss positions, which the sync-free step avoids). `batch` examples per
+    process and step; under torchrun each process runs this (tests/graphs_ddp.py). Returns the logged steps, the
+    Trainer's token count and the real tokens of the 16 rows."""
     import random
 
     from datasets import Dataset
@@ -203,15 +216,15 @@ def _graphs_trainer_run(tiny_model, out, async_host: bool) -> tuple[list[dict], 
                            LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
                                       task_type="CAUSAL_LM"))
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    args = SFTConfig(output_dir=str(out), per_device_train_batch_size=4, max_steps=4, logging_steps=2,
+    args = SFTConfig(output_dir=str(out), per_device_train_batch_size=batch, max_steps=4, logging_steps=2,
                      learning_rate=1e-2, use_cpu=not torch.cuda.is_available(), report_to="none",
                      save_strategy="no", seed=0, data_seed=0, max_length=None, remove_unused_columns=False, completion_only_loss=True, disable_tqdm=True,
                      include_num_input_tokens_seen=True, **speed.async_args(async_host))
     trainer = speed.sft_trainer(async_host)(model=model, args=args, train_dataset=Dataset.from_list(rows),
                                             processing_class=tok,
-                                            data_collator=speed.BucketCollator(tok.pad_token_id, 4, bucket=32))
+                                            data_collator=speed.BucketCollator(tok.pad_token_id, batch, bucket=32))
     trainer.train()
-    real = sum(len(r["input_ids"]) for r in rows)  # 4 steps x 4 = every row once
+    real = sum(len(r["input_ids"]) for r in rows)
     return [h for h in trainer.state.log_history if "loss" in h], trainer.state.num_input_tokens_seen, real
 
 

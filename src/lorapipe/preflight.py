@@ -92,7 +92,7 @@ def layout(cfg: RunCfg, base: str, rows: list[dict], dtype: torch.dtype) -> tupl
         setting = sharded(setting)
     else:
         if t.cuda_graphs and cuda and setting.mode == "speed":
-            setting = dataclasses.replace(setting, liger=False, compile="model-graphs", async_host=True)
+            setting = dataclasses.replace(setting, liger=False, compile=speed.graphs_kind(config), async_host=True)
         elif t.cuda_graphs:
             log.warning("train.cuda_graphs applies to speed mode on CUDA; this run is %s mode%s: ignored",
                         setting.mode, "" if cuda else " on CPU")

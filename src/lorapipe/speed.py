@@ -11,9 +11,9 @@ Modes (`train.mode`), all at the configured hyper-parameters (effective batch, l
             fused LM head in every mode.
 - auto:     speed when its estimated peak fits in the GPU's free memory, else memory; the configured flags on CPU.
 
-`train.cuda_graphs` (speed mode, CUDA) also compiles the decoder stack into one CUDA graph per length bucket and keeps
-the host from waiting on the GPU inside a step, for small models whose step the host CPU bounds by launching kernels
-(BENCHMARKS.md: TinyLlama 0.15 -> 0.057 s/step).
+`train.cuda_graphs` (speed mode, CUDA) also compiles the decoder stack into CUDA graphs, one per length bucket (one per
+layer for large models: `graphs_kind`), and keeps the host from waiting on the GPU inside a step, for models whose step
+the host CPU bounds by launching kernels (BENCHMARKS.md: TinyLlama 0.15 -> 0.057 s/step).
 
 Every lever is exact: the same examples in the same order, the same masks, the same quantized weights.
 """
@@ -162,6 +162,20 @@ def compile_model(model, kind: str) -> None:
         raise ValueError(f"unknown compile kind {kind!r}")
 
 
+def graphs_kind(config) -> str:
+    """The `compile_model` kind `train.cuda_graphs` uses for a model: the whole stack below a hidden size of 4,096,
+    each layer from there.
+
+    Compiling the whole stack takes about a minute per length bucket for TinyLlama-1.1B (54-67 s) and about two for
+    a Llama-3-8B shape (~107 s), where each layer compiles in 14-17 s and 4-13 s per bucket (one layer's code serves
+    them all). One graph instead of one per layer makes a step 0.080 s instead of 0.110 s for TinyLlama, but for the
+    8B shape at 8 examples a step both take about 0.17 s: its large layers keep the GPU busy between launches
+    (BENCHMARKS.md). So the 8B stack's extra minutes of compilation buy nothing measured; TinyLlama's pay after
+    6,000-9,000 steps with 4-6 buckets (its whole-stack steps are the 25x figure).
+    """
+    return "graphs" if getattr(config, "hidden_size", 0) >= 4096 else "model-graphs"
+
+
 def use_cuda_graphs(trainer) -> None:
     """Wire a Trainer whose model was compiled with a graphs kind: every (micro-)step starts a new CUDA-graph
     generation (the replays of the step before may be overwritten), and evaluation runs eagerly (its no-grad batches
@@ -224,7 +238,7 @@ def sft_trainer(async_host: bool):
     `async_host`: no host-device synchronisation inside a training step, so that the host queues the next step while
     the GPU still runs this one. A replayed CUDA graph leaves the host nothing else to do, and every sync idles the
     GPU for the host's whole trip back (BENCHMARKS.md: ~30 ms of an 80 ms TinyLlama step). TRL syncs at three points
-    per micro-step, which this class replaces for a single-process causal-LM NLL run (anything else takes TRL's path):
+    per micro-step, which this class replaces for a causal-LM NLL run (anything else takes TRL's path):
     - the fused LM head gathers the loss positions with a boolean mask, whose size the host must read: here every
       position goes through it and the others are zeroed, as TRL itself does on devices without Triton;
     - entropy and token accuracy are read with `.item()` after every forward: here they stay on the GPU until the
@@ -233,6 +247,11 @@ def sft_trainer(async_host: bool):
       they are host integers from the batch shapes and the collator.
     The Trainer's own per-step syncs (the NaN/inf check of the logged loss, blocking input copies) are turned off by
     `async_args`. Losses and gradients are unchanged: the same kernels over the same tokens.
+
+    Data-parallel (DDP), where TRL gathers every figure from every process at every micro-step, the gathering waits
+    for the steps that log, save or end: the metrics and token counts are summed over the processes there, in one
+    collective each, as TRL sums them (entropy and accuracy over all processes' tokens), and the loss is scaled by
+    the process count as TRL scales it (the token count it divides by is already every process's; DDP averages).
     """
     from unittest import mock
 
@@ -242,12 +261,12 @@ def sft_trainer(async_host: bool):
     class GraphsSFTTrainer(SFTTrainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self._lazy: list[torch.Tensor] = []  # [entropy, accuracy] per training micro-step, on the GPU
+            self._lazy: list[torch.Tensor] = []  # [entropy sum, correct, valid] per training micro-step, on the GPU
+            self._pending = [0, 0]  # this process's real and TRL-counted tokens since the last gathering (DDP)
 
         def _fast(self, model, return_outputs: bool) -> bool:
             return (async_host and model.training and not return_outputs and self.args.loss_type == "nll"
-                    and not self.aux_loss_enabled and self.compute_loss_func is None and self.label_smoother is None
-                    and self.accelerator.num_processes == 1)
+                    and not self.aux_loss_enabled and self.compute_loss_func is None and self.label_smoother is None)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs = {k: v for k, v in inputs.items() if k != REAL_TOKENS}
@@ -258,25 +277,52 @@ def sft_trainer(async_host: bool):
             n = out.label_mask.sum()
             loss = -out.log_probs.sum() / torch.as_tensor(n if num_items_in_batch is None else num_items_in_batch,
                                                           device=n.device).clamp(min=1)
-            valid = n.clamp(min=1)
-            self._lazy.append(torch.stack([out.entropy.detach().sum() / valid, out.is_top1.sum() / valid]))
-            self._total_train_tokens += inputs["position_ids"].size(1)
-            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # as TRL: every process's tokens, DDP averages
+            self._lazy.append(torch.stack([out.entropy.detach().sum().float(), out.is_top1.sum().float(), n.float()]))
+            if self.accelerator.num_processes > 1:
+                self._pending[1] += inputs["position_ids"].size(1)
+            else:
+                self._total_train_tokens += inputs["position_ids"].size(1)
+                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
             return loss
 
         def _track_num_input_tokens(self, inputs):
-            if (async_host and REAL_TOKENS in inputs and self.args.include_num_input_tokens_seen != "no"
-                    and self.accelerator.num_processes == 1):
-                self.state.num_input_tokens_seen += inputs[REAL_TOKENS]
+            if async_host and REAL_TOKENS in inputs and self.args.include_num_input_tokens_seen != "no":
+                if self.accelerator.num_processes > 1:
+                    self._pending[0] += inputs[REAL_TOKENS]
+                else:
+                    self.state.num_input_tokens_seen += inputs[REAL_TOKENS]
             else:
                 super()._track_num_input_tokens({k: v for k, v in inputs.items() if k != REAL_TOKENS})
 
+        def _gather_tokens(self) -> None:
+            """DDP: add every process's tokens since the last gathering to the counts (one all-reduce)."""
+            if self.accelerator.num_processes > 1 and async_host:
+                counts = torch.tensor(self._pending, dtype=torch.int64, device=self.accelerator.device)
+                real, trl_tokens = self.accelerator.reduce(counts, reduction="sum").tolist()
+                self._pending = [0, 0]
+                self.state.num_input_tokens_seen += real
+                if trl_tokens:
+                    self._total_train_tokens += trl_tokens
+                    self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+
+        def _maybe_log_save_evaluate(self, *args, **kwargs):
+            c = self.control  # the same on every process: they log, save and stop at the same steps
+            if (c.should_log or c.should_save or c.should_evaluate or c.should_training_stop
+                    or self.state.global_step >= self.state.max_steps):
+                self._gather_tokens()
+            return super()._maybe_log_save_evaluate(*args, **kwargs)
+
         def log(self, logs, start_time=None):
             if self._lazy and self.model.training:
-                for entropy, accuracy in torch.stack(self._lazy).tolist():  # one sync per logged step
-                    self._metrics["train"]["entropy"].append(entropy)
-                    self._metrics["train"]["mean_token_accuracy"].append(accuracy)
+                stats = torch.stack(self._lazy)
                 self._lazy.clear()
+                if self.accelerator.num_processes > 1:
+                    stats = self.accelerator.reduce(stats, reduction="sum")
+                for entropy, correct, valid in stats.tolist():  # one sync per logged step
+                    self._metrics["train"]["entropy"].append(entropy / valid if valid > 0 else 0.0)
+                    self._metrics["train"]["mean_token_accuracy"].append(correct / valid if valid > 0 else 0.0)
             super().log(logs, start_time)
 
     return GraphsSFTTrainer
