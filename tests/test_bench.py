@@ -26,6 +26,18 @@ def test_warm_run_starts_where_the_first_did(tmp_path):
     assert len(warm["step_s"]) == 3 and warm["losses"] == pytest.approx(cold["losses"], rel=1e-5)
 
 
+def test_e2e_effective_batch_is_set_for_every_setting(tmp_path):
+    """`bench train --e2e --batch 32`: the config every setting trains from has that effective batch, in micro-batches
+    of 4 where they divide it (each mode then lays it out as it would a user's)."""
+    import yaml
+
+    from lorapipe import bench_e2e
+
+    for batch, layout in ((32, (4, 8)), (6, (6, 1)), (None, (4, 4))):
+        cfg = yaml.safe_load(bench_e2e.setup("tiny", tmp_path, 8, batch=batch).read_text())
+        assert (cfg["train"]["per_device_train_batch_size"], cfg["train"]["gradient_accumulation_steps"]) == layout
+
+
 @pytest.mark.slow
 def test_e2e_runs_the_cli_per_setting_and_counts_real_tokens_alike(tmp_path, capsys):
     """`bench train --e2e` runs `lorapipe train` itself per setting: the padded tutorial batches and the padding-free

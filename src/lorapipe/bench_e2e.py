@@ -51,16 +51,21 @@ def _words(rng: random.Random, n: int, vocab: int) -> str:
     return " ".join(f"t{rng.randrange(3, vocab)}" for _ in range(n))
 
 
-def setup(shape: str, workdir: Path, examples: int, seed: int = 0) -> Path:
+def setup(shape: str, workdir: Path, examples: int, seed: int = 0, batch: int | None = None) -> Path:
     """A config for `lorapipe train`: the base (random weights of a bench shape, or the embedded SmolLM2) and its
     data, reused when already in `workdir`. Random shapes get prompt/completion examples of 64-511 words of their
-    word-level tokenizer (one token each, ~30 % prompt); SmolLM2 gets lorapipe's shipped training set."""
+    word-level tokenizer (one token each, ~30 % prompt); SmolLM2 gets lorapipe's shipped training set. `batch`: the
+    effective batch (default the config's 4 x 4), as micro-batches of 4 where it divides: data parallelism pays
+    only once each GPU's share of a step keeps it busy (BENCHMARKS.md, the 8B step by examples per GPU)."""
     from lorapipe import bench
     from lorapipe.config import dump_config, load_config
 
     workdir.mkdir(parents=True, exist_ok=True)
     cfg_path = workdir / f"e2e-{shape}.yaml"
     over: dict[str, Any] = {"output_dir": str(workdir / "runs"), "data.max_examples": examples}
+    if batch:
+        micro = 4 if batch % 4 == 0 else batch
+        over.update({"train.per_device_train_batch_size": micro, "train.gradient_accumulation_steps": batch // micro})
     if shape != "smollm2-135m":
         if shape not in bench.SHAPES:
             raise UserError(f"--shapes: unknown {shape}; choose from smollm2-135m, {', '.join(bench.SHAPES)}")
@@ -122,10 +127,10 @@ def run_setting(label: str, overrides: dict[str, str], cfg_path: Path, workdir: 
     return row
 
 
-def run(shape: str, settings: list[str], examples: int, workdir: Path) -> list[dict[str, Any]]:
+def run(shape: str, settings: list[str], examples: int, workdir: Path, batch: int | None = None) -> list[dict[str, Any]]:
     """Every setting on the same config and data; ratios and loss differences against the first row."""
     parsed = [parse_setting(s) for s in settings]  # every setting read before anything runs
-    cfg_path = setup(shape, workdir, examples)
+    cfg_path = setup(shape, workdir, examples, batch=batch)
     rows = []
     for label, over in parsed:
         rows.append(run_setting(label, over, cfg_path, workdir))
@@ -144,7 +149,8 @@ def run(shape: str, settings: list[str], examples: int, workdir: Path) -> list[d
 
     for r in rows:
         r.pop("_losses", None)
-        r.update(shape=shape, examples=examples, device=device_summary(), date=time.strftime("%Y-%m-%d"))
+        r.update(shape=shape, examples=examples, batch=batch or 16, device=device_summary(),
+                 date=time.strftime("%Y-%m-%d"))
     return rows
 
 
@@ -155,7 +161,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
     m = rows[0]
-    table = Table(title=f"`lorapipe train` end to end: {m['shape']}, {m['examples']} examples, on {m['device']}, "
+    table = Table(title=f"`lorapipe train` end to end: {m['shape']}, {m['examples']} examples, effective batch "
+                  f"{m.get('batch', 16)}, on {m['device']}, "
                   f"{m['date']} (first row: the reference)")
     cols = ["setting", "mode", "processes", "layout", "steps", "wall_s", "wall_vs_first", "before_loop_s",
             "first_step_s", "loop_s", "loop_vs_first", "after_loop_s", "tokens", "tokens_per_s", "final_loss",

@@ -213,7 +213,7 @@ def cmd_bench(ns: argparse.Namespace) -> None:
         work = Path(ns.workdir or tempfile.mkdtemp(prefix="lorapipe-bench-e2e-"))
         shape = ns.shapes or ("tiny" if ns.tiny else "tinyllama-1.1b")
         rows = bench_e2e.run(shape, (ns.settings or "tutorial,auto").split(","),
-                             ns.examples or (64 if ns.tiny else 2000), work)
+                             ns.examples or (64 if ns.tiny else 2000), work, batch=ns.batch)
         bench_e2e.print_table(rows)
         if ns.json:
             from lorapipe.runs import write_json
@@ -429,6 +429,8 @@ VERBS = {
                        "command: wall, time before the loop, first step, loop, real tokens/s; see "
                        "lorapipe.bench_e2e)"),
         p.add_argument("--examples", type=int, default=None, help="train --e2e: training examples (2000; --tiny 64)"),
+        p.add_argument("--batch", type=int, default=None, help="train --e2e: effective batch of every setting "
+                       "(default 16: 4 x 4)"),
         p.add_argument("--steps", type=int, default=12, help="train/parity: optimizer steps per setting"),
         p.add_argument("--fixed-len", type=int, default=None, help="train: every example this many tokens "
                        "(default: 64-512)"),
