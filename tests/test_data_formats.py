@@ -180,6 +180,8 @@ def test_preflight_report_and_refusals(tiny_cfg, chat_model, tmp_path):
     assert r["examples_rendered"][0].endswith("<|im_end|>⟧")
     assert r["memory_estimate_gib"]["total"] > 0 and r["steps"] == 2
     assert "# Preflight" in preflight.summary(r)
+    for kind, says in (("graphs", "one CUDA graph per layer"), ("model-graphs", "the decoder stack as one CUDA graph")):
+        assert f"compiled: {says}" in preflight.summary({**r, "layout": {**r["layout"], "compile": kind}})  # GPU only
     # whole-text loss: every token carries loss
     assert preflight.prepare(tiny_cfg(**{"data.completion_only_loss": False})).report["loss_token_share"] == 1.0
     # prompts longer than max_length: responses lost -> train refuses, --force trains on what is left

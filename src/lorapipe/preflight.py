@@ -103,6 +103,10 @@ def layout(cfg: RunCfg, base: str, rows: list[dict], dtype: torch.dtype) -> tupl
     return setting, est
 
 
+_COMPILED = {"graphs": "one CUDA graph per layer and length bucket",
+             "model-graphs": "the decoder stack as one CUDA graph per length bucket"}
+
+
 def _quantiles(xs: list[int]) -> dict[str, int]:
     if not xs:
         return {"p50": 0, "p95": 0, "max": 0}
@@ -211,7 +215,7 @@ def summary(report: dict[str, Any], examples: bool = True) -> str:
         f"{lay['micro_batch']} x {lay['accum']}"
         + (f" per process x {r['processes']} processes" if r.get("processes", 1) > 1 else "") + ", checkpointing "
         f"{lay['checkpointing']}, padding-free {lay['padding_free']}, optimizer {lay['optim']}"
-        + (f", compiled: {lay['compile']} (CUDA graphs)" if lay["compile"] else ""),
+        + (f", compiled: {_COMPILED.get(lay['compile'], lay['compile'])}" if lay["compile"] else ""),
         f"- estimated peak memory on {r['device']}: {mem['total']:.2f} GiB (weights {mem['weights']:.2f}, "
         f"activations {mem['activations']:.2f}, logits {mem['logits']:.2f}"
         + (f"; GPU free {mem['gpu_free']:.1f}" if "gpu_free" in mem else "") + ")"
