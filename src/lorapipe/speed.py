@@ -145,11 +145,17 @@ def compile_model(model, kind: str) -> None:
     - "graphs": each decoder layer, static bucketed shapes (see BucketCollator) replayed as CUDA graphs;
     - "model-graphs": the whole decoder stack as one CUDA graph per bucket (one launch instead of one per layer;
       compiling it takes about a minute per bucket, recording it half a second).
+
+    Under DDP, dynamo would otherwise split each compiled graph where DDP's gradient buckets end (25 MB, the first
+    1 MB), so that all-reduces overlap the backward: more graphs to compile and replay, for LoRA gradients that are
+    small (the 8B shape's, all layers at r=16: 168 MB in fp32). Without the split, each graph's gradients are
+    all-reduced when its backward ends: per layer for "graphs".
     """
     import torch._dynamo
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     torch._dynamo.config.recompile_limit = 64  # one graph per shape bucket
+    torch._dynamo.config.optimize_ddp = False
     if kind == "layers":
         for layer in base.model.layers:
             layer.compile(dynamic=True)
