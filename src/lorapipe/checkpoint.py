@@ -270,6 +270,7 @@ class Checkpoints(TrainerCallback):
         self.signal: int | None = None
         self.sealing: threading.Thread | None = None
         self.seal_error: BaseException | None = None
+        self.group = None  # the processes' host-side (gloo) group for agreeing on saves and stops
 
     def keep_dtypes(self, model) -> None:
         """TRL keeps a QLoRA adapter in bf16, but the Trainer's resume reloads it through PEFT, which upcasts it to
@@ -303,6 +304,10 @@ class Checkpoints(TrainerCallback):
                         optimizer.state[p][key] = value.to(dtype)
         self.every = self.save_steps or max(1, math.ceil(state.max_steps / 10))
         self.last = time.monotonic()
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.group is None:
+            # agreed on the host: an NCCL all-reduce read back by the host waits for the GPU to finish the step,
+            # every step, which the sync-free CUDA-graph step (speed.sft_trainer) exists to avoid
+            self.group = torch.distributed.new_group(backend="gloo")
 
     def on_step_end(self, args, state, control, **kw):
         stop = self.signal is not None
@@ -313,8 +318,8 @@ class Checkpoints(TrainerCallback):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # every process saves and stops at the same step: a signal may reach them at different steps, and
             # their clocks differ
-            flags = torch.tensor([int(save), int(stop)], device=args.device)
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            flags = torch.tensor([int(save), int(stop)])
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=self.group)
             save, stop = bool(flags[0]), bool(flags[1])
             if stop and self.signal is None:
                 self.signal = signal.SIGTERM  # another process was told to stop
