@@ -129,8 +129,12 @@ def run_setting(label: str, overrides: dict[str, str], cfg_path: Path, workdir: 
 
 def run(shape: str, settings: list[str], examples: int, workdir: Path, batch: int | None = None) -> list[dict[str, Any]]:
     """Every setting on the same config and data; ratios and loss differences against the first row."""
+    from lorapipe.config import load_config
+
     parsed = [parse_setting(s) for s in settings]  # every setting read before anything runs
     cfg_path = setup(shape, workdir, examples, batch=batch)
+    t = load_config(cfg_path).train
+    effective = t.per_device_train_batch_size * t.gradient_accumulation_steps
     rows = []
     for label, over in parsed:
         rows.append(run_setting(label, over, cfg_path, workdir))
@@ -149,7 +153,7 @@ def run(shape: str, settings: list[str], examples: int, workdir: Path, batch: in
 
     for r in rows:
         r.pop("_losses", None)
-        r.update(shape=shape, examples=examples, batch=batch or 16, device=device_summary(),
+        r.update(shape=shape, examples=examples, batch=effective, device=device_summary(),
                  date=time.strftime("%Y-%m-%d"))
     return rows
 
@@ -162,7 +166,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         return
     m = rows[0]
     table = Table(title=f"`lorapipe train` end to end: {m['shape']}, {m['examples']} examples, effective batch "
-                  f"{m.get('batch', 16)}, on {m['device']}, "
+                  f"{m['batch']}, on {m['device']}, "
                   f"{m['date']} (first row: the reference)")
     cols = ["setting", "mode", "processes", "layout", "steps", "wall_s", "wall_vs_first", "before_loop_s",
             "first_step_s", "loop_s", "loop_vs_first", "after_loop_s", "tokens", "tokens_per_s", "final_loss",

@@ -254,8 +254,8 @@ def sft_trainer(async_host: bool):
     The Trainer's own per-step syncs (the NaN/inf check of the logged loss, blocking input copies) are turned off by
     `async_args`. Losses and gradients are unchanged: the same kernels over the same tokens.
 
-    Data-parallel (DDP), where TRL gathers every figure from every process at every micro-step, the gathering waits
-    for the steps that log, save or end: the metrics and token counts are summed over the processes there, in one
+    The metrics and token counts are added up at the steps that log, save or end. Data-parallel (DDP), where TRL
+    gathers every figure from every process at every micro-step, they are summed over the processes there, in one
     collective each, as TRL sums them (entropy and accuracy over all processes' tokens), and the loss is scaled by
     the process count as TRL scales it (the token count it divides by is already every process's; DDP averages).
     """
@@ -268,7 +268,7 @@ def sft_trainer(async_host: bool):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self._lazy: list[torch.Tensor] = []  # [entropy sum, correct, valid] per training micro-step, on the GPU
-            self._pending = [0, 0]  # this process's real and TRL-counted tokens since the last gathering (DDP)
+            self._pending = [0, 0]  # this process's real and TRL-counted tokens since the last gathering
 
         def _fast(self, model, return_outputs: bool) -> bool:
             return (async_host and model.training and not return_outputs and self.args.loss_type == "nll"
@@ -286,32 +286,28 @@ def sft_trainer(async_host: bool):
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes  # as TRL: every process's tokens, DDP averages
             self._lazy.append(torch.stack([out.entropy.detach().sum().float(), out.is_top1.sum().float(), n.float()]))
-            if self.accelerator.num_processes > 1:
-                self._pending[1] += inputs["position_ids"].size(1)
-            else:
-                self._total_train_tokens += inputs["position_ids"].size(1)
-                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+            self._pending[1] += inputs["position_ids"].size(1)
             return loss
 
         def _track_num_input_tokens(self, inputs):
             if async_host and REAL_TOKENS in inputs and self.args.include_num_input_tokens_seen != "no":
-                if self.accelerator.num_processes > 1:
-                    self._pending[0] += inputs[REAL_TOKENS]
-                else:
-                    self.state.num_input_tokens_seen += inputs[REAL_TOKENS]
+                self._pending[0] += inputs[REAL_TOKENS]
             else:
                 super()._track_num_input_tokens({k: v for k, v in inputs.items() if k != REAL_TOKENS})
 
         def _gather_tokens(self) -> None:
-            """DDP: add every process's tokens since the last gathering to the counts (one all-reduce)."""
-            if self.accelerator.num_processes > 1 and async_host:
+            """Add the tokens counted since the last gathering to the counts (every process's: one all-reduce)."""
+            if not async_host:
+                return
+            real, trl_tokens = self._pending
+            if self.accelerator.num_processes > 1:
                 counts = torch.tensor(self._pending, dtype=torch.int64, device=self.accelerator.device)
                 real, trl_tokens = self.accelerator.reduce(counts, reduction="sum").tolist()
-                self._pending = [0, 0]
-                self.state.num_input_tokens_seen += real
-                if trl_tokens:
-                    self._total_train_tokens += trl_tokens
-                    self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+            self._pending = [0, 0]
+            self.state.num_input_tokens_seen += real
+            if trl_tokens:
+                self._total_train_tokens += trl_tokens
+                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
 
         def _maybe_log_save_evaluate(self, *args, **kwargs):
             c = self.control  # the same on every process: they log, save and stop at the same steps
