@@ -56,14 +56,6 @@ FREE = {"train.save_steps", "train.save_minutes", "train.logging_steps", "train.
 PACKAGES = ("torch", "transformers", "peft", "trl")
 
 
-class Stopped(UserError):
-    """Training stopped on a signal after writing a checkpoint; the exit code is the shell's 128 + signal."""
-
-    def __init__(self, message: str, code: int):
-        super().__init__(message)
-        self.code = code
-
-
 def in_progress(run_dir: Path) -> Path:
     return Path(run_dir).with_name(Path(run_dir).name + ".incomplete")
 

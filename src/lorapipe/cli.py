@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from lorapipe import console
 from lorapipe.config import SECTIONS, RunCfg, dump_config, load_config, parse_override
-from lorapipe.errors import UserError
+from lorapipe.errors import Stopped, UserError
 
 
 def _add_section_flags(parser: argparse.ArgumentParser, sections: list[str], top_level: bool = False) -> None:
@@ -492,8 +492,6 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     console.setup(ns.verbose)
-    from lorapipe.checkpoint import Stopped
-
     try:
         rc = ns.fn(ns)
     except Stopped as exc:

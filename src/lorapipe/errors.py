@@ -1,4 +1,7 @@
-"""The one exception type users see: a bad input, explained. The CLI turns it into one line and exit code 2."""
+"""The exceptions users see: a bad input, explained (one line, exit code 2), and a training stopped by a signal.
+
+Nothing here imports the training stack: the CLI catches these for every verb, and a launching parent must start
+torchrun without first importing what each process imports again (transformers, peft, bitsandbytes: ~7 s on CPU)."""
 
 
 class UserError(Exception):
@@ -6,3 +9,11 @@ class UserError(Exception):
 
     The message names the file (and line) and the field, and says what to do. No traceback is shown unless `--debug`.
     """
+
+
+class Stopped(UserError):
+    """Training stopped on a signal after writing a checkpoint; the exit code is the shell's 128 + signal."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code

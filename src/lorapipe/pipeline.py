@@ -22,7 +22,7 @@ import yaml
 
 from lorapipe import checkpoint
 from lorapipe.config import RunCfg
-from lorapipe.errors import UserError
+from lorapipe.errors import Stopped, UserError
 from lorapipe.runs import write_json
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def run(cfg: RunCfg, serve: bool = False, force: bool = False, restart: bool = F
         if n:  # several GPUs: the same stage in n processes under torchrun
             rc = launch.train(cfg, n, overwrite=restart, force=True, restart=restart)
             if rc:
-                raise checkpoint.Stopped(f"training in {n} processes exited with {rc}; `lorapipe run` again resumes "
+                raise Stopped(f"training in {n} processes exited with {rc}; `lorapipe run` again resumes "
                                          f"it from its last checkpoint", rc)
             m = json.loads((run_dir / "metrics.json").read_text())
         else:

@@ -1,0 +1,76 @@
+"""Run by tests/test_train.py in its own process (gloo, one CPU process): accelerate's real `fsdp2_prepare_model`
+shards a tiny 4-bit LoRA model layer by layer, with and without lorapipe's `shard_without_copy`. After each
+`fully_shard` it notes how many of the already-sharded layers' whole 4-bit weights are still alive. Writes JSON to
+argv[2]."""
+
+import json
+import os
+import sys
+import weakref
+from pathlib import Path
+from types import SimpleNamespace
+
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29561"), RANK="0",
+                  WORLD_SIZE="1", LOCAL_RANK="0")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.distributed.fsdp as fsdp_mod  # noqa: E402
+from accelerate.utils import FullyShardedDataParallelPlugin  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
+
+from lorapipe import train  # noqa: E402
+from lorapipe.config import ModelCfg, QuantCfg  # noqa: E402
+from lorapipe.models import load_model  # noqa: E402
+
+dist.init_process_group("gloo")
+mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("dp_shard",))
+real_fully_shard = fsdp_mod.fully_shard
+
+
+def shard(patched: bool) -> dict:
+    import accelerate.accelerator as acc
+
+    model = load_model(sys.argv[1], ModelCfg(name_or_path=sys.argv[1]), QuantCfg(), torch.bfloat16)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    layers = model.base_model.model.model.layers
+    whole = {i: [weakref.ref(p.untyped_storage()) for p in layer.parameters() if not p.requires_grad]
+             for i, layer in enumerate(layers)}  # the memory, whichever tensor holds it
+    done, alive = [], []
+
+    def recording_fully_shard(module, *args, **kwargs):
+        out = real_fully_shard(module, *args, **kwargs)
+        for i, layer in enumerate(layers):
+            if module is layer:
+                done.append(i)
+                alive.append(sum(r() is not None for j in done for r in whole[j]))
+        return out
+
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=list(model.base_model.model._no_split_modules),
+        reshard_after_forward=True, cpu_ram_efficient_loading=False, state_dict_type="SHARDED_STATE_DICT")
+    accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=mesh,
+                                  parallelism_config=SimpleNamespace(fsdp_dim_names=("dp_shard",)),
+                                  mixed_precision="bf16", is_main_process=True, device=torch.device("cpu"))
+    saved = acc.fsdp2_prepare_model
+    if patched:
+        train.shard_without_copy()
+    fsdp_mod.fully_shard = recording_fully_shard
+    try:
+        model = acc.fsdp2_prepare_model(accelerator, model)
+    finally:
+        fsdp_mod.fully_shard = real_fully_shard
+        acc.fsdp2_prepare_model = saved
+    loss = model(input_ids=torch.tensor([[1, 5, 9, 3]]), labels=torch.tensor([[1, 5, 9, 3]])).loss
+    loss.backward()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    return {"layers": len(layers), "whole_alive_after_each_layer": alive,
+            "weights_per_layer": len(whole[0]), "state_dict_keys": len(model.state_dict()),
+            "loss": loss.item(), "grads": sum(p.grad is not None for p in trained), "trainable": len(trained)}
+
+
+result = {"accelerate": shard(patched=False), "lorapipe": shard(patched=True)}
+Path(sys.argv[2]).write_text(json.dumps(result))
+dist.destroy_process_group()
