@@ -92,6 +92,19 @@ def test_a_batch_that_does_not_split_is_refused_before_anything_loads(tiny_model
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+def test_unreadable_data_is_one_message_and_exit_2_before_torchrun(tiny_model, tmp_path):
+    """Inside torchrun, every process printed the same error, torchrun added its failure report, and the exit code
+    was 1. The launching parent reads the data (and resolves the model) first: one line, exit code 2."""
+    config = _config(tmp_path, tiny_model)
+    proc = _train(str(config), "--train.processes", "2", "--data.source", str(tmp_path / "missing.jsonl"))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err[-2000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: data.source: {tmp_path / 'missing.jsonl'} not found (a .jsonl/.json/.csv/.parquet "
+                      "file, a folder of them, a saved dataset, a Hub id, or 'default')"], err[-2000:]
+    assert "torch.distributed" not in err and "training in 2" not in out
+
+
 def test_more_processes_than_gpus_is_refused_before_torchrun(tiny_cfg, monkeypatch):
     """Each process takes the GPU of its local rank; a third process on two GPUs would fail on a device that does not
     exist, once per process. Refused by the launching parent with what to do (exit 2 in the CLI)."""

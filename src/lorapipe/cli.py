@@ -51,9 +51,6 @@ def cmd_train(ns: argparse.Namespace) -> int | None:
     cfg = load_config(ns.config, _overrides(ns))
     n = launch.wanted(cfg)
     if n:
-        launch.check(cfg, n)
-        print(f"training in {n} {'FSDP-sharded' if cfg.train.fsdp else 'data-parallel'} processes (torchrun; "
-              "train.processes)", flush=True)
         return launch.train(cfg, n, overwrite=ns.overwrite, force=ns.force, restart=ns.restart)
     from lorapipe import train  # after the launch decision: a launching parent needs none of the training stack
 

@@ -32,9 +32,15 @@ def wanted(cfg: RunCfg) -> int:
 def check(cfg: RunCfg, n: int) -> None:
     """What can be refused before `n` processes start: an effective batch that does not split, more processes than
     GPUs (each process takes the GPU of its local rank: the extra ones would fail on a device that does not exist,
-    once per process), FSDP without GPUs."""
+    once per process), FSDP without GPUs, and data or a model path that cannot be read. Refused here, a bad input is
+    one message and exit code 2; inside torchrun it was one message per process, exit code 1 and torchrun's report."""
     import torch
 
+    from lorapipe import data
+    from lorapipe.models import resolve_model
+
+    resolve_model(cfg.model)  # the embedded model is converted here, once (every process then finds it)
+    data.split_validation(data.load_data(cfg.data), cfg.data, cfg.train.seed)
     speed.split(cfg.train.per_device_train_batch_size, cfg.train.gradient_accumulation_steps, n)  # every mode keeps
     if torch.cuda.is_available() and n > torch.cuda.device_count():
         from lorapipe.errors import UserError
@@ -50,6 +56,8 @@ def check(cfg: RunCfg, n: int) -> None:
 def train(cfg: RunCfg, n: int, overwrite: bool = False, force: bool = False, restart: bool = False) -> int:
     """Run `lorapipe train` in `n` processes under torchrun and wait; the exit code of the launch."""
     check(cfg, n)
+    print(f"training in {n} {'FSDP-sharded' if cfg.train.fsdp else 'data-parallel'} processes (torchrun; "
+          "train.processes)", flush=True)
     config = Path(cfg.output_dir) / f".{cfg.name}.launch.yaml"
     write_text(config, dump_config(cfg))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",

@@ -120,7 +120,7 @@ def run(cfg: RunCfg, serve: bool = False, force: bool = False, restart: bool = F
             rc = launch.train(cfg, n, overwrite=restart, force=True, restart=restart)
             if rc:
                 raise Stopped(f"training in {n} processes exited with {rc}; `lorapipe run` again resumes "
-                                         f"it from its last checkpoint", rc)
+                              f"it from its last checkpoint", rc)
             m = json.loads((run_dir / "metrics.json").read_text())
         else:
             m = train.run(cfg, overwrite=restart, force=True, restart=restart).metrics  # preflight just checked
