@@ -92,9 +92,10 @@ def test_a_batch_that_does_not_split_is_refused_before_anything_loads(tiny_model
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
-def test_unreadable_data_is_one_message_and_exit_2_before_torchrun(tiny_model, tmp_path):
+def test_bad_data_is_one_message_and_unreadable_data_exit_2_before_torchrun(tiny_model, tmp_path):
     """Inside torchrun, every process printed the same error, torchrun added its failure report, and the exit code
-    was 1. The launching parent reads the data (and resolves the model) first: one line, exit code 2."""
+    was 1. The launching parent reads the data (and resolves the model) first: one line, exit code 2. What only the
+    tokenized data shows is still found inside torchrun, and printed once per machine."""
     config = _config(tmp_path, tiny_model)
     proc = _train(str(config), "--train.processes", "2", "--data.source", str(tmp_path / "missing.jsonl"))
     out, err = proc.communicate(timeout=120)
@@ -103,6 +104,13 @@ def test_unreadable_data_is_one_message_and_exit_2_before_torchrun(tiny_model, t
     assert errors == [f"error: data.source: {tmp_path / 'missing.jsonl'} not found (a .jsonl/.json/.csv/.parquet "
                       "file, a folder of them, a saved dataset, a Hub id, or 'default')"], err[-2000:]
     assert "torch.distributed" not in err and "training in 2" not in out
+
+    # what only tokenizing shows is found inside torchrun: still one message (per machine), not one per process
+    proc = _train(str(config), "--train.processes", "2", "--data.max_length", "40")
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode != 0
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "lose their whole response to data.max_length=40" in errors[0], err[-2000:]
 
 
 def test_more_processes_than_gpus_is_refused_before_torchrun(tiny_cfg, monkeypatch):

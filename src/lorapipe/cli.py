@@ -498,7 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         if ns.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # under torchrun every process meets the same bad input:
+            print(f"error: {exc}", file=sys.stderr)  # one message per machine (another node may see other files)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
