@@ -33,7 +33,9 @@ def check(cfg: RunCfg, n: int) -> None:
     """What can be refused before `n` processes start: an effective batch that does not split, more processes than
     GPUs (each process takes the GPU of its local rank: the extra ones would fail on a device that does not exist,
     once per process), FSDP without GPUs, and data or a model path that cannot be read. Refused here, a bad input is
-    one message and exit code 2; inside torchrun it was one message per process, exit code 1 and torchrun's report."""
+    one message and exit code 2; inside torchrun it was one message per process, exit code 1 and torchrun's report.
+    Reading the data here costs about 1 s per 100,000 examples (a 95 MB JSONL file), a fraction of what each process
+    then spends tokenizing them."""
     import torch
 
     from lorapipe import data
