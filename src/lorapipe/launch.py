@@ -1,18 +1,18 @@
 """Data-parallel training: `lorapipe train --train.processes N` relaunches itself under torchrun, one process per GPU.
 
 The command stays the one users type on one GPU. When more than one process is wanted (train.processes), the
-resolved config is written beside the runs and `python -m torch.distributed.run
---standalone --nproc_per_node N -m lorapipe train` takes over; train.py then joins torchrun's process group through
-accelerate, splits the effective batch (preflight.layout), and lets rank 0 alone write the run directory. SIGTERM,
-SIGINT and SIGHUP to lorapipe are passed on to torchrun, which passes them to every process; they agree on one step
-at which to checkpoint and stop (checkpoint.Checkpoints).
+resolved config is written beside the runs and torchrun's agent (`torchrun --standalone --nproc_per_node N -m
+lorapipe train`, run in this process) takes over; train.py then joins torchrun's process group through accelerate,
+splits the effective batch (preflight.layout), and lets rank 0 alone write the run directory. SIGTERM, SIGINT and
+SIGHUP to lorapipe are passed on by the agent to every process; they agree on one step at which to checkpoint and
+stop (checkpoint.Checkpoints).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -56,26 +56,44 @@ def check(cfg: RunCfg, n: int) -> None:
 
 
 def train(cfg: RunCfg, n: int, overwrite: bool = False, force: bool = False, restart: bool = False) -> int:
-    """Run `lorapipe train` in `n` processes under torchrun and wait; the exit code of the launch."""
+    """Run `lorapipe train` in `n` processes under torchrun's agent, here in this process, and wait; the exit code.
+
+    torchrun as a child process cost its own interpreter and torch import (~2-3 s), and it made a Ctrl-C arrive
+    twice: the terminal signalled the child and this parent, which passed it on again, so the agent broke off its
+    shutdown with a traceback. The agent starts each training process in a session of its own and passes every
+    signal on once; they agree on one step at which to checkpoint and stop (checkpoint.Checkpoints). A bad input
+    that the processes found (exit 2, printed once per machine) and a stop on a signal (128 + signal, the checkpoint
+    saved) keep their exit codes; any other failure is summed up in one line instead of torchrun's report."""
     check(cfg, n)
     print(f"training in {n} {'FSDP-sharded' if cfg.train.fsdp else 'data-parallel'} processes (torchrun; "
           "train.processes)", flush=True)
     config = Path(cfg.output_dir) / f".{cfg.name}.launch.yaml"
     write_text(config, dump_config(cfg))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-           "-m", "lorapipe", "train", str(config)]
-    cmd += [flag for flag, on in (("--overwrite", overwrite), ("--force", force), ("--restart", restart)) if on]
-    proc = subprocess.Popen(cmd)
-    got: list[int] = []
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
 
-    def forward(signum, frame) -> None:
-        got.append(signum)
-        proc.send_signal(signum)
-
-    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    argv = ["--standalone", f"--nproc_per_node={n}", "-m", "lorapipe", "train", str(config)]
+    argv += [flag for flag, on in (("--overwrite", overwrite), ("--force", force), ("--restart", restart)) if on]
+    env = dict(os.environ)  # the agent sets OMP_NUM_THREADS for the processes it starts, in its own environment
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)}
+    logging.disable(logging.ERROR)  # the agent's own loggers (banner, per-process failure lines): said below
     try:
-        rc = proc.wait()
-        return 128 + got[0] if rc and got else rc  # stopped on a signal, checkpoint saved: the shell's code
+        run(parse_args(argv))
+        return 0
+    except SignalException as exc:  # the agent passed the signal on and waited for the processes' checkpoint
+        return 128 + int(exc.sigval)
+    except ChildFailedError as exc:
+        rank, first = exc.get_first_failure()  # the others were stopped by the agent after it
+        if first.exitcode == 2 or first.exitcode > 128:
+            return first.exitcode  # a bad input, or stopped on a signal: the process said so
+        what = (f"was killed by {signal.Signals(-first.exitcode).name}" if first.exitcode < 0
+                else f"exited with code {first.exitcode}")
+        print(f"error: training process {rank} of {n} {what} (its output is above)", file=sys.stderr)
+        return 1
     finally:
-        for s, h in old.items():
+        os.environ.clear()
+        os.environ.update(env)
+        logging.disable(logging.NOTSET)
+        for s, h in handlers.items():  # the agent's handlers raise; a later signal must not land in them
             signal.signal(s, h)
