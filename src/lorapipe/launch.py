@@ -58,12 +58,14 @@ def check(cfg: RunCfg, n: int) -> None:
 def train(cfg: RunCfg, n: int, overwrite: bool = False, force: bool = False, restart: bool = False) -> int:
     """Run `lorapipe train` in `n` processes under torchrun's agent, here in this process, and wait; the exit code.
 
-    torchrun as a child process cost its own interpreter and torch import (~2-3 s), and it made a Ctrl-C arrive
-    twice: the terminal signalled the child and this parent, which passed it on again, so the agent broke off its
-    shutdown with a traceback. The agent starts each training process in a session of its own and passes every
-    signal on once; they agree on one step at which to checkpoint and stop (checkpoint.Checkpoints). A bad input
-    that the processes found (exit 2, printed once per machine) and a stop on a signal (128 + signal, the checkpoint
-    saved) keep their exit codes; any other failure is summed up in one line instead of torchrun's report."""
+    torchrun as a child process cost its own interpreter and imports (about 6 s on the H200 host), and a Ctrl-C arrived
+    there twice: the terminal signalled the child and this parent, which passed it on again, so the agent broke off
+    its shutdown with a traceback. The agent starts each training process in a session of its own and passes every
+    signal on once; they agree on one step at which to checkpoint and stop (checkpoint.Checkpoints). It waits 30 s
+    for them, then kills them: a checkpoint cut off there is left unsealed, and resuming takes the one before. A
+    bad input that the processes found (exit 2, printed once per machine) and a stop on a signal (128 + signal, the
+    checkpoint saved) keep their exit codes; any other failure is summed up in one line instead of torchrun's
+    report."""
     check(cfg, n)
     print(f"training in {n} {'FSDP-sharded' if cfg.train.fsdp else 'data-parallel'} processes (torchrun; "
           "train.processes)", flush=True)
