@@ -273,8 +273,11 @@ class Checkpoints(TrainerCallback):
     @contextmanager
     def signals(self) -> Iterator[None]:
         def on_signal(signum, frame) -> None:
-            if self.signal is not None and signum == signal.SIGINT:
+            if self.signal is not None and signal.SIGINT in (signum, self.signal):
+                # Ctrl-C again. With several processes torchrun's agent passes a second Ctrl-C on as SIGTERM
                 raise KeyboardInterrupt
+            if self.signal is not None:  # the same stop twice (a scheduler signals every process, and so does
+                return  # torchrun's agent): one checkpoint still
             self.signal = signum
             log.warning("%s: saving a checkpoint at the end of this step, then stopping (Ctrl-C again: stop now)",
                         signal.Signals(signum).name)

@@ -502,7 +502,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)  # one message per machine (another node may see other files)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print("interrupted", file=sys.stderr)
         return 130
     return rc or 0
 
