@@ -83,43 +83,42 @@ def test_two_processes_keep_the_recipe_and_stop_and_resume_together(tiny_model, 
         assert got[step] == pytest.approx(want[step], rel=1e-4), f"step {step}"
 
 
+def _ctrl_c(config: Path, partial: Path, after_steps: int, *flags: str) -> subprocess.Popen:
+    """`lorapipe train` in 2 processes in a process group of its own, as a terminal runs it; once `after_steps` steps
+    are logged, SIGINT to the whole group (a terminal's Ctrl-C)."""
+    proc = subprocess.Popen([sys.executable, "-m", "lorapipe", "-q", "train", str(config), "--name", "c",
+                             "--train.processes", "2", "--train.save_steps", "1000", *flags], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "TQDM_DISABLE": "1"})
+    deadline = time.monotonic() + 240
+    while not ((partial / "logs" / "metrics.jsonl").is_file() and max(_losses(partial), default=0) >= after_steps):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    return proc
+
+
 def test_ctrl_c_stops_every_process_at_one_checkpoint_without_a_traceback(tiny_model, tmp_path):
     """A terminal's Ctrl-C signals the whole foreground process group. With torchrun as a child, it reached the child
     and the parent, which passed it on again: the agent broke off its shutdown with a traceback. The agent now runs in
     lorapipe's process and its training processes have sessions of their own: each gets the signal once. A second
     Ctrl-C stops them at once, as with one process."""
+    import shutil
+
     config = _config(tmp_path, tiny_model)
     partial = tmp_path / "runs" / "c.incomplete"
-    proc = subprocess.Popen([sys.executable, "-m", "lorapipe", "-q", "train", str(config), "--name", "c",
-                             "--train.processes", "2", "--train.save_steps", "1000"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "TQDM_DISABLE": "1"})
-    deadline = time.monotonic() + 240
-    while not ((partial / "logs" / "metrics.jsonl").is_file() and max(_losses(partial), default=0) >= 3):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGINT)
+    proc = _ctrl_c(config, partial, 3)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGINT, err[-3000:]
     assert err.count("stopped: SIGINT") == 1 and "Traceback" not in err, err[-3000:]
     assert len(list((partial / "logs").glob("checkpoint-*"))) == 1
 
-    # Ctrl-C twice: stop now (the agent passes the second one on as SIGTERM), no checkpoint waited for
-    import shutil
-
+    # Ctrl-C twice: stop now (the agent passes the second one on as SIGTERM), no checkpoint waited for. Steps of
+    # seconds, so that the second Ctrl-C lands inside one
     shutil.rmtree(partial)
-    proc = subprocess.Popen([sys.executable, "-m", "lorapipe", "-q", "train", str(config), "--name", "c",
-                             "--train.processes", "2", "--train.save_steps", "1000",  # steps of seconds: the second
-                             "--train.per_device_train_batch_size", "16", "--train.gradient_accumulation_steps", "8"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "TQDM_DISABLE": "1"})  # Ctrl-C lands inside one
-    deadline = time.monotonic() + 240
-    while not ((partial / "logs" / "metrics.jsonl").is_file() and max(_losses(partial), default=0) >= 1):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGINT)
+    proc = _ctrl_c(config, partial, 1, "--train.per_device_train_batch_size", "16",
+                   "--train.gradient_accumulation_steps", "8")
     time.sleep(0.3)
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=120)
