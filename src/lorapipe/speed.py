@@ -460,15 +460,15 @@ def estimate_memory(config, setting: Setting, tokens_per_micro: int, *, quantize
     lin = linear_params(s)
     other = vocab * h * (1 if s["tied"] else 2) + layers * 2 * h + h
     wbytes = dtype_bytes
-    weights = (lin * (0.5 + 1 / 64 * (1 + 4 / 256)) if quantized else lin * wbytes)
-    weights += other * (4 if setting.kbit_prep else wbytes)
+    other_bytes = other * (4 if setting.kbit_prep else wbytes)  # embeddings, output layer, norms: not quantized
+    weights = (lin * (0.5 + 1 / 64 * (1 + 4 / 256)) if quantized else lin * wbytes) + other_bytes
     cached = lin * wbytes if setting.cache_dequant and quantized else 0
     lp = lora_params(s, r, targets)
     optim_bytes = {"paged_adamw_8bit": 2, "adamw_8bit": 2}.get(setting.optim, 8)
     lora = lp * (4 + 4 + optim_bytes)  # fp32 weights + grads + optimizer states (TRL keeps LoRA fp32 unless QLoRA)
-    whole, whole_other = weights, other * (4 if setting.kbit_prep else wbytes)  # before FSDP shards them
+    whole = weights  # before FSDP shards them
     if setting.shards > 1:  # each GPU keeps its share, plus the layers gathered for compute (this one, the next)
-        layer = (weights - other * wbytes) / layers
+        layer = (weights - other_bytes) / layers
         weights, lora = weights / setting.shards + 2 * layer, lora / setting.shards
     n_lora_in = len([t for t in targets if t in LORA_NAMES])
     q, kv = s["heads"] * s["head_dim"], s["kv"] * s["head_dim"]
@@ -494,7 +494,7 @@ def estimate_memory(config, setting: Setting, tokens_per_micro: int, *, quantize
         parts.values())
     parts["total"] = sum(parts.values())
     if setting.shards > 1:
-        parts["loading"] = fsdp_loading(whole, whole_other, setting.shards)
+        parts["loading"] = fsdp_loading(whole, other_bytes, setting.shards)
     return {k: round(v / 2**30, 3) for k, v in parts.items()}
 
 
