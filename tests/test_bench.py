@@ -46,13 +46,15 @@ def test_e2e_runs_the_cli_per_setting_and_counts_real_tokens_alike(tmp_path, cap
     from lorapipe import bench_e2e
     from lorapipe.errors import UserError
 
-    with pytest.raises(UserError, match="MODE\\[\\+graphs\\|\\+fsdp\\]\\[:PROCESSES\\]"):
+    with pytest.raises(UserError, match="MODE\\[\\+graphs\\|\\+fsdp\\|\\+fsdp-cpu\\]\\[:PROCESSES\\]"):
         bench_e2e.run("tiny", ["tutorial", "fast:x"], 16, tmp_path)  # refused before anything runs
     assert not (tmp_path / "runs").exists()
     assert bench_e2e.parse_setting("speed+graphs:2")[1] == {"train.mode": "speed", "train.processes": "2",
                                                             "train.cuda_graphs": "true"}
     assert bench_e2e.parse_setting("memory+fsdp:2")[1] == {"train.mode": "memory", "train.processes": "2",
                                                            "train.fsdp": "true"}
+    assert bench_e2e.parse_setting("memory+fsdp-cpu:2")[1] == {"train.mode": "memory", "train.processes": "2",
+                                                               "train.fsdp": "true", "train.fsdp_loading": "cpu"}
     rows = bench_e2e.run("tiny", ["tutorial", "speed"], 16, tmp_path)
     tut, fast = rows
     assert "error" not in tut and "error" not in fast, rows

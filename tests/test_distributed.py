@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 STEPS = 24
@@ -231,6 +232,27 @@ def test_fsdp_frees_each_layers_whole_weights_once_sharded(tiny_model, tmp_path)
     assert ours["loss"] == pytest.approx(plain["loss"], rel=1e-6)
     assert ours["grads"] == ours["trainable"] == plain["trainable"] > 0
     assert ours["state_dict_keys"] == plain["state_dict_keys"] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
+def test_fsdp_loading_in_cpu_memory_puts_every_tensor_on_the_gpu_as_a_share(tiny_model, tmp_path):
+    """train.fsdp_loading cpu: the 4-bit base is quantized in CPU memory, no byte of it on the GPU, and FSDP moves
+    each layer to the GPU as it shards it. Two processes on one GPU: afterwards every weight, buffer and 4-bit
+    quantization state is on the GPU, each process holds half of each weight, and the model computes the loss of the
+    base quantized on the GPU (the same 4-bit codes; a few double-quantized scales differ in the last bit) with a
+    gradient for every LoRA weight."""
+    out = tmp_path / "cpu_loading.json"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(Path(__file__).parent / "fsdp_cpu_loading.py"), str(tiny_model), str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    gpu, cpu = r["gpu"], r["cpu"]
+    assert gpu["gpu_after_load"] > 0 and cpu["gpu_after_load"] == 0
+    assert gpu["devices"] == cpu["devices"] == ["cuda:0"]
+    assert cpu["shard"] == gpu["shard"] and cpu["shard"][0] * 2 == cpu["whole"][0]
+    assert cpu["loss"] == pytest.approx(gpu["loss"], rel=1e-2)
+    assert cpu["grads"] == cpu["trainable"] == gpu["trainable"] > 0
 
 
 def test_the_launching_parent_starts_torchrun_before_importing_the_training_stack(tiny_model, tmp_path):

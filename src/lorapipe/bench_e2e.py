@@ -13,9 +13,9 @@ CLI verb in a fresh process per setting and reads what that run wrote (metrics.j
                  Trainer the same way in every mode
   loss_diff_pct  the largest per-step difference of the logged loss from the first row's, in percent
 
-Settings: a train.mode (tutorial, speed, memory, auto), optionally `+graphs` (train.cuda_graphs) or `+fsdp`
-(train.fsdp) and `:N` (N processes, train.processes), e.g. `tutorial,auto,speed:2,memory+fsdp:2`. The first row
-is the reference.
+Settings: a train.mode (tutorial, speed, memory, auto), optionally `+graphs` (train.cuda_graphs), `+fsdp`
+(train.fsdp) or `+fsdp-cpu` (train.fsdp, the base quantized in CPU memory: train.fsdp_loading cpu), and `:N` (N
+processes, train.processes), e.g. `tutorial,auto,speed:2,memory+fsdp:2`. The first row is the reference.
 """
 
 from __future__ import annotations
@@ -35,15 +35,18 @@ MODES = ("tutorial", "speed", "memory", "auto")
 
 def parse_setting(text: str) -> tuple[str, dict[str, str]]:
     """'speed+graphs:2' -> ('speed+graphs:2', {train.mode: speed, train.cuda_graphs: true, train.processes: 2});
-    'memory+fsdp:2' -> train.fsdp true."""
+    'memory+fsdp:2' -> train.fsdp true; 'memory+fsdp-cpu:2' -> also train.fsdp_loading cpu."""
     head, _, procs = text.partition(":")
     mode, _, extra = head.partition("+")
-    if mode not in MODES or extra not in ("", "graphs", "fsdp") or (procs and not procs.isdigit()) or procs == "0":
-        raise UserError(f"--settings: cannot read '{text}'; write MODE[+graphs|+fsdp][:PROCESSES] with MODE one of "
-                        f"{', '.join(MODES)} (e.g. tutorial,auto,speed:2,memory+fsdp:2)")
+    if mode not in MODES or extra not in ("", "graphs", "fsdp", "fsdp-cpu") or (procs and not procs.isdigit()) \
+            or procs == "0":
+        raise UserError(f"--settings: cannot read '{text}'; write MODE[+graphs|+fsdp|+fsdp-cpu][:PROCESSES] with "
+                        f"MODE one of {', '.join(MODES)} (e.g. tutorial,auto,speed:2,memory+fsdp:2)")
     out = {"train.mode": mode, "train.processes": procs or "1"}
     if extra:
         out["train.cuda_graphs" if extra == "graphs" else "train.fsdp"] = "true"
+    if extra == "fsdp-cpu":
+        out["train.fsdp_loading"] = "cpu"
     return text, out
 
 

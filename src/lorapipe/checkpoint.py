@@ -52,7 +52,8 @@ FORMAT = 1
 # Sections that decide what is trained; within them, fields that may change on resume (they only say when to log,
 # evaluate or save).
 SECTIONS = ("model", "quant", "lora", "data", "train")
-FREE = {"train.save_steps", "train.save_minutes", "train.logging_steps", "train.eval_steps", "train.report_to"}
+FREE = {"train.save_steps", "train.save_minutes", "train.logging_steps", "train.eval_steps", "train.report_to",
+        "train.fsdp_loading"}  # where the base is quantized: the same 4-bit codes either way
 PACKAGES = ("torch", "transformers", "peft", "trl")
 
 

@@ -421,7 +421,7 @@ VERBS = {
         p.add_argument("--port", type=int, default=8000, help="serve: port of the online rows' server"),
         p.add_argument("--settings", default=None, help="train/parity: settings to compare (see "
                        "`lorapipe.bench.settings`: tutorial, speed, memory, flags, ablations; default tutorial,speed,"
-                       "memory); train --e2e: MODE[+graphs|+fsdp][:PROCESSES], default tutorial,auto"),
+                       "memory); train --e2e: MODE[+graphs|+fsdp|+fsdp-cpu][:PROCESSES], default tutorial,auto"),
         p.add_argument("--e2e", action="store_true", help="train: run `lorapipe train` itself per setting (whole "
                        "command: wall, time before the loop, first step, loop, real tokens/s; see "
                        "lorapipe.bench_e2e)"),

@@ -136,10 +136,16 @@ class TrainCfg(_Section):
     fsdp: bool = Field(
         False, description="With train.processes N on N GPUs: shard the 4-bit base, the LoRA weights, their "
         "gradients and the optimizer state over the GPUs (FSDP-QLoRA through accelerate's FSDP2) instead of copying "
-        "the model to each (DDP), for models whose training does not fit one GPU. Each GPU loads the whole 4-bit base "
-        "once (transformers quantizes on the GPU), then keeps its share. The mode's batch layout and checkpointing "
-        "stay; cached dequantized weights, k-bit preparation and CUDA graphs are off, and torch's AdamW replaces "
-        "bitsandbytes' optimizers. Needs CUDA.")
+        "the model to each (DDP), for models whose training does not fit one GPU (how the base is loaded: "
+        "train.fsdp_loading). The mode's batch layout and checkpointing stay; cached dequantized weights, k-bit "
+        "preparation and CUDA graphs are off, and torch's AdamW replaces bitsandbytes' optimizers. Needs CUDA.")
+    fsdp_loading: Literal["auto", "gpu", "cpu"] = Field(
+        "auto", description="With train.fsdp: where each process quantizes the 4-bit base before FSDP shards it. "
+        "gpu: transformers quantizes on the GPU, fast, but each GPU holds the whole 4-bit base once. cpu: "
+        "bitsandbytes quantizes in CPU memory (each process holds the whole 4-bit base there) and FSDP moves each "
+        "layer to the GPU as it shards it, so a GPU only ever holds its share and one layer or embedding: for a "
+        "base whose 4-bit weights do not fit one GPU; slower (CPU quantization). auto: gpu when preflight's "
+        "estimate of that loading peak fits the GPU, else cpu.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     per_device_train_batch_size: int = Field(4, gt=0, description="Examples per device per forward pass.")
     gradient_accumulation_steps: int = Field(4, gt=0, description="Forward passes per optimizer step.")

@@ -146,23 +146,39 @@ def quantization_config(quant: QuantCfg, dtype: torch.dtype):
     )
 
 
-def load_model(path: str, cfg: ModelCfg, quant: QuantCfg | None, dtype: torch.dtype, attn: str | None = None):
-    """Load the base for training (4-bit when quant.load_in_4bit) or in full precision (quant None: merge, verify)."""
+def load_model(path: str, cfg: ModelCfg, quant: QuantCfg | None, dtype: torch.dtype, attn: str | None = None,
+               on_cpu: bool = False):
+    """Load the base for training (4-bit when quant.load_in_4bit) or in full precision (quant None: merge, verify).
+
+    `on_cpu` (FSDP, train.fsdp_loading cpu): the 4-bit base is quantized and kept in CPU memory although a GPU is
+    there; FSDP moves each layer to the GPU as it shards it. bitsandbytes quantizes on the CPU with torch's threads,
+    which torchrun sets to 1 per process: this machine's cores are shared out among its processes while loading."""
     from transformers import AutoModelForCausalLM
 
     console.quiet_transformers()
     kwargs: dict = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype)
     if attn:
         kwargs["attn_implementation"] = attn
-    if quant is not None and quant.load_in_4bit:
+    quantized = quant is not None and quant.load_in_4bit
+    on_cpu = on_cpu and quantized and torch.cuda.is_available()
+    if quantized:
         kwargs["quantization_config"] = quantization_config(quant, dtype)
-        kwargs["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+        kwargs["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() and not on_cpu \
+            else {"": "cpu"}
     elif torch.cuda.is_available():
         kwargs["device_map"] = {"": torch.cuda.current_device()}
+    threads = torch.get_num_threads()
+    if on_cpu:
+        here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(threads, len(os.sched_getaffinity(0)) // here))
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         raise _hub_error(path, exc) from exc
+    finally:
+        torch.set_num_threads(threads)
+    if on_cpu:  # where the weights will be is FSDP's to decide: accelerate refuses a 4-bit model mapped elsewhere
+        model.__dict__.pop("hf_device_map", None)
     return model
 
 

@@ -73,9 +73,13 @@ def layout(cfg: RunCfg, base: str, rows: list[dict], dtype: torch.dtype) -> tupl
     world = processes(cfg)
     if t.fsdp:
         speed.check_fsdp(world, cuda)
+    elif t.fsdp_loading != "auto":
+        log.warning("train.fsdp_loading applies to FSDP runs (train.fsdp); ignored")
 
     def sharded(s: speed.Setting) -> speed.Setting:  # train.fsdp: what each GPU of the run holds
-        return speed.for_fsdp(speed.per_process(s, world), world)
+        s = speed.for_fsdp(speed.per_process(s, world), world)
+        on_cpu = t.fsdp_loading == "cpu" or (t.fsdp_loading == "auto" and estimate(s)["loading"] > 0.9 * free)
+        return dataclasses.replace(s, cpu_loading=on_cpu)
 
     def fits(s: speed.Setting) -> bool:
         est = estimate(sharded(s) if t.fsdp else s)
@@ -100,7 +104,22 @@ def layout(cfg: RunCfg, base: str, rows: list[dict], dtype: torch.dtype) -> tupl
     est = estimate(setting)
     if free is not None:
         est["gpu_free"] = round(free, 2)
+    if setting.cpu_loading:
+        here = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # this machine's processes, each its own copy
+        ram = _available_ram_gib()
+        if ram is not None and est["cpu_loading_ram"] * here > 0.9 * ram:
+            log.warning("train.fsdp_loading: %d processes each quantize the whole 4-bit base in CPU memory "
+                        "(%.1f GiB each), and %.1f GiB is available: loading may run out of memory", here,
+                        est["cpu_loading_ram"], ram)
     return setting, est
+
+
+def _available_ram_gib() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(x.split()[1]) for x in f if x.startswith("MemAvailable:")) / 2**20
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
 
 
 _COMPILED = {"graphs": "one CUDA graph per layer and length bucket",
@@ -219,7 +238,9 @@ def summary(report: dict[str, Any], examples: bool = True) -> str:
         f"- estimated peak memory on {r['device']}: {mem['total']:.2f} GiB (weights {mem['weights']:.2f}, "
         f"activations {mem['activations']:.2f}, logits {mem['logits']:.2f}"
         + (f"; GPU free {mem['gpu_free']:.1f}" if "gpu_free" in mem else "") + ")"
-        + (f" per GPU; loading holds the whole 4-bit base on each GPU once: {mem['loading']:.2f} GiB"
+        + (f" per GPU; loading: {mem['loading']:.2f} GiB, " + (
+            f"the 4-bit base quantized in CPU memory ({mem['cpu_loading_ram']:.2f} GiB per process), each GPU "
+            "taking its share layer by layer" if lay.get("cpu_loading") else "the whole 4-bit base on each GPU once")
            if "loading" in mem else ""),
         f"- steps: {r['steps']} (effective batch {r['effective_batch']})",
     ]

@@ -361,6 +361,7 @@ class Setting:
     compile: str = ""  # "" (eager) or a `compile_model` kind
     async_host: bool = False  # with compile: no host-device sync inside a step (`sft_trainer`)
     shards: int = 1  # FSDP: the 4-bit base, LoRA weights, gradients and optimizer state split over this many GPUs
+    cpu_loading: bool = False  # FSDP: the 4-bit base quantized in CPU memory, moved to the GPU layer by layer
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -494,17 +495,31 @@ def estimate_memory(config, setting: Setting, tokens_per_micro: int, *, quantize
         parts.values())
     parts["total"] = sum(parts.values())
     if setting.shards > 1:
-        parts["loading"] = fsdp_loading(whole, other_bytes, setting.shards)
+        parts["loading"] = fsdp_loading(whole, other_bytes, setting.shards, setting.cpu_loading, lora=lp * 4,
+                                        layer=(whole - other_bytes) / layers)
+        if setting.cpu_loading:
+            parts["cpu_loading_ram"] = whole * 1.05  # each process's whole 4-bit base, in CPU memory
     return {k: round(v / 2**30, 3) for k, v in parts.items()}
 
 
-def fsdp_loading(whole: float, other: float, shards: int) -> float:
+def fsdp_loading(whole: float, other: float, shards: int, on_cpu: bool = False, lora: float = 0,
+                 layer: float = 0) -> float:
     """Peak bytes per GPU while an FSDP run loads and shards, for a 4-bit base of `whole` bytes, `other` of them in
-    the embeddings, output layer and norms. Every GPU quantizes the whole base (transformers, on the GPU). Then, as
-    accelerate shards it, each decoder layer's whole weights are freed once its shards exist (train.shard_without_copy),
-    but the embeddings and output layer stay whole until the last shard is made (accelerate holds them to check
-    their tying). Measured on one H200 with the Llama-3-8B shape, FSDP in one process: 7.29 GiB (this gives 7.63)."""
-    return max(whole, (whole - other) / shards + other * (1 + 1 / shards)) * 1.05
+    the embeddings, output layer and norms, `lora` in the LoRA weights, `layer` in one decoder layer.
+
+    Quantized on the GPU (train.fsdp_loading gpu), every GPU holds the whole base and LoRA. Then, as accelerate
+    shards it, each decoder layer's whole weights are freed once its shards exist (train.shard_without_copy), but the
+    embeddings and output layer stay whole until the last shard is made (accelerate holds them to check their
+    tying). Measured on one H200 with the Llama-3-8B shape: 7.29 GiB for FSDP in one process (this gives 7.79 with
+    LoRA r=16 on every linear layer); 5.52 GiB in each of two processes (5.74); TinyLlama-1.1B: 0.80 GiB (0.79).
+
+    Quantized in CPU memory (`on_cpu`), FSDP moves each layer to the GPU as it shards it: a GPU holds its share of
+    the base and of LoRA, one whole layer while it is sharded, and the whole embeddings and output layer (moved to
+    the GPU, then held as above). Measured, two processes: 4.74 GiB for the Llama-3-8B shape (this gives 4.92),
+    0.64 GiB for TinyLlama-1.1B (0.65)."""
+    if on_cpu:
+        return ((whole + lora) / shards + max(other, layer)) * 1.05
+    return (max(whole, (whole - other) / shards + other * (1 + 1 / shards)) + lora) * 1.05
 
 
 def micro_tokens(lengths: list[int], micro: int, padding_free: bool, bucket: int = 0) -> int:
@@ -550,7 +565,8 @@ def reason(requested: str, s: Setting, cuda: bool) -> str:
     """Why the run has the layout it has, in a few words (preflight's layout line)."""
     if s.shards > 1:
         return (f"FSDP over {s.shards} GPUs (train.fsdp): the 4-bit base, LoRA and its optimizer state sharded, "
-                f"{requested} mode's batch layout")
+                f"{requested} mode's batch layout"
+                + ("; the base quantized in CPU memory (train.fsdp_loading)" if s.cpu_loading else ""))
     graphs = ("CUDA graphs on (train.cuda_graphs)" if s.compile else
               "CUDA graphs off: about a minute of compilation per length bucket pays only on long runs")
     if requested != "auto":

@@ -42,7 +42,8 @@ class TrainResult:
 class _FirstStep(TrainerCallback):
     """When the first optimizer step ended: the time to first step that a user waits through (compilation, graph
     capture, the first batch), apart from the steady loop. On CUDA it also splits the peak memory into loading
-    (everything before the loop: with FSDP each GPU holds the whole 4-bit base once) and training."""
+    (everything before the loop: with FSDP loading on the GPU, each GPU holds the whole 4-bit base once) and
+    training."""
 
     at: float | None = None
     loading_peak: int = 0
@@ -238,7 +239,7 @@ def run(cfg: RunCfg, overwrite: bool = False, force: bool = False, restart: bool
     log.debug("train.mode=%s -> %s; estimated peak %.2f GiB", cfg.train.mode, setting.as_dict(), estimate["total"])
     rss_before = _current_rss_gib()
     attn = speed.register_varlen() if setting.padding_free else None
-    model = load_model(base, cfg.model, cfg.quant, dtype, attn=attn)
+    model = load_model(base, cfg.model, cfg.quant, dtype, attn=attn, on_cpu=setting.cpu_loading)
     mark("load")
     if cfg.quant.load_in_4bit and setting.kbit_prep:
         model = prepare_model_for_kbit_training(
