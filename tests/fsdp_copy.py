@@ -1,7 +1,7 @@
 """Run by tests/test_train.py in its own process (gloo, one CPU process): accelerate's real `fsdp2_prepare_model`
 shards a tiny 4-bit LoRA model layer by layer, with and without lorapipe's `shard_without_copy`. After each
-`fully_shard` it notes how many of the already-sharded layers' whole 4-bit weights are still alive. Writes JSON to
-argv[2]."""
+`fully_shard` it notes how many of the already-sharded layers' whole 4-bit weights are still alive when the next
+call starts, and at the last (the root's) whether the embedding's whole weight is. Writes JSON to argv[2]."""
 
 import json
 import os
@@ -37,14 +37,17 @@ def shard(patched: bool) -> dict:
     layers = model.base_model.model.model.layers
     whole = {i: [weakref.ref(p.untyped_storage()) for p in layer.parameters() if not p.requires_grad]
              for i, layer in enumerate(layers)}  # the memory, whichever tensor holds it
-    done, alive = [], []
+    embeddings = [weakref.ref(w.untyped_storage())  # tied: one weight
+                  for w in {model.get_input_embeddings().weight, model.get_output_embeddings().weight}]
+    done, alive, at_root = [], [], []
 
     def recording_fully_shard(module, *args, **kwargs):
+        # on entry, so after lorapipe's wrapper has finished with the call before
+        alive.append(sum(r() is not None for j in done for r in whole[j]))
+        if module is model:  # the last call: every other group is sharded
+            at_root.append(sum(r() is not None for r in embeddings))
         out = real_fully_shard(module, *args, **kwargs)
-        for i, layer in enumerate(layers):
-            if module is layer:
-                done.append(i)
-                alive.append(sum(r() is not None for j in done for r in whole[j]))
+        done.extend(i for i, layer in enumerate(layers) if module is layer)
         return out
 
     plugin = FullyShardedDataParallelPlugin(
@@ -66,7 +69,8 @@ def shard(patched: bool) -> dict:
     loss = model(input_ids=torch.tensor([[1, 5, 9, 3]]), labels=torch.tensor([[1, 5, 9, 3]])).loss
     loss.backward()
     trained = [p for p in model.parameters() if p.requires_grad]
-    return {"layers": len(layers), "whole_alive_after_each_layer": alive,
+    return {"layers": len(layers), "whole_alive_at_each_call": alive, "embeddings_alive_at_root": at_root,
+            "embeddings": len(embeddings),
             "weights_per_layer": len(whole[0]), "state_dict_keys": len(model.state_dict()),
             "loss": loss.item(), "grads": sum(p.grad is not None for p in trained), "trainable": len(trained)}
 

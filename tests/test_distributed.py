@@ -211,8 +211,9 @@ def test_sync_free_step_of_cuda_graphs_keeps_trl_figures_in_two_processes(tiny_m
 def test_fsdp_frees_each_layers_whole_weights_once_sharded(tiny_model, tmp_path):
     """train.fsdp: accelerate's own `fsdp2_prepare_model` shards a 4-bit LoRA model (gloo, one CPU process). Alone
     it keeps every layer's whole 4-bit weights alive until the last layer is sharded (its state-dict copy), so each
-    GPU held the base and its share at once; with lorapipe's `shard_without_copy` they are freed layer by layer, and
-    the sharded model computes the same loss, with gradients for every LoRA weight and a whole state dict after."""
+    GPU held the base and its share at once, and the embedding's whole weight (to check its tying); with lorapipe's
+    `shard_without_copy` they are freed as they are sharded, and the sharded model computes the same loss, with
+    gradients for every LoRA weight and a whole state dict after."""
     import socket
 
     with socket.socket() as s:
@@ -227,8 +228,13 @@ def test_fsdp_frees_each_layers_whole_weights_once_sharded(tiny_model, tmp_path)
     per_layer = plain["weights_per_layer"]
     assert per_layer >= 7 and plain["layers"] == ours["layers"] >= 2
     # accelerate alone: the layers already sharded still hold their whole weights (this is why the patch exists)
-    assert plain["whole_alive_after_each_layer"] == [per_layer * (i + 1) for i in range(plain["layers"])]
-    assert ours["whole_alive_after_each_layer"] == [0] * ours["layers"]
+    n = plain["layers"]
+    assert plain["whole_alive_at_each_call"][:n + 1] == [per_layer * i for i in range(n + 1)]
+    assert plain["whole_alive_at_each_call"][-1] == per_layer * n
+    assert ours["whole_alive_at_each_call"] == [0] * len(plain["whole_alive_at_each_call"])
+    # accelerate alone also holds the (tied) embedding's whole weight to its end, to check the tying
+    assert plain["embeddings"] == ours["embeddings"] == 1
+    assert plain["embeddings_alive_at_root"] == [1] and ours["embeddings_alive_at_root"] == [0]
     assert ours["loss"] == pytest.approx(plain["loss"], rel=1e-6)
     assert ours["grads"] == ours["trainable"] == plain["trainable"] > 0
     assert ours["state_dict_keys"] == plain["state_dict_keys"] > 0

@@ -496,16 +496,16 @@ def estimate_memory(config, setting: Setting, tokens_per_micro: int, *, quantize
     parts["total"] = sum(parts.values())
     if setting.shards > 1:
         parts["loading"] = fsdp_loading(whole, other_bytes, setting.shards, setting.cpu_loading, lora=lp * 4,
-                                        layer=(whole - other_bytes) / layers)
+                                        largest=max(vocab * h * wbytes, (whole - other_bytes) / layers))
         if setting.cpu_loading:
             parts["cpu_loading_ram"] = whole * 1.05  # each process's whole 4-bit base, in CPU memory
     return {k: round(v / 2**30, 3) for k, v in parts.items()}
 
 
 def fsdp_loading(whole: float, other: float, shards: int, on_cpu: bool = False, lora: float = 0,
-                 layer: float = 0) -> float:
+                 largest: float = 0) -> float:
     """Peak bytes per GPU while an FSDP run loads and shards, for a 4-bit base of `whole` bytes, `other` of them in
-    the embeddings, output layer and norms, `lora` in the LoRA weights, `layer` in one decoder layer.
+    the embeddings, output layer and norms, `lora` in the LoRA weights.
 
     Quantized on the GPU (train.fsdp_loading gpu), every GPU holds the whole base and LoRA. Then, as accelerate
     shards it, each decoder layer's whole weights are freed once its shards exist (train.shard_without_copy), but the
@@ -513,12 +513,12 @@ def fsdp_loading(whole: float, other: float, shards: int, on_cpu: bool = False, 
     tying). Measured on one H200 with the Llama-3-8B shape: 7.29 GiB for FSDP in one process (this gives 7.79 with
     LoRA r=16 on every linear layer); 5.52 GiB in each of two processes (5.74); TinyLlama-1.1B: 0.80 GiB (0.79).
 
-    Quantized in CPU memory (`on_cpu`), FSDP moves each layer to the GPU as it shards it: a GPU holds its share of
-    the base and of LoRA, one whole layer while it is sharded, and the whole embeddings and output layer (moved to
-    the GPU, then held as above). Measured, two processes: 4.74 GiB for the Llama-3-8B shape (this gives 4.92),
-    0.64 GiB for TinyLlama-1.1B (0.65)."""
+    Quantized in CPU memory (`on_cpu`), FSDP moves each group of weights to the GPU as it shards it, and
+    train.shard_without_copy frees the whole copy once the shards exist: a GPU holds its share of the base and of
+    LoRA, and `largest` (the largest group: an embedding, or one decoder layer) whole. Measured, two processes:
+    3.77 GiB for the Llama-3-8B shape (this gives 3.90), 0.52 GiB for TinyLlama-1.1B (0.53)."""
     if on_cpu:
-        return ((whole + lora) / shards + max(other, layer)) * 1.05
+        return ((whole + lora) / shards + largest) * 1.05
     return (max(whole, (whole - other) / shards + other * (1 + 1 / shards)) + lora) * 1.05
 
 

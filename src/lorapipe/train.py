@@ -422,13 +422,20 @@ def _fsdp_precision(trainer, dtype: torch.dtype) -> None:
 
 
 def shard_without_copy() -> None:
-    """Let each GPU free a layer's whole weights as soon as FSDP has made its shards.
+    """Let each GPU free a weight's whole copy as soon as FSDP has made its shards.
 
-    accelerate 1.15's `fsdp2_prepare_model` takes `model.state_dict()` before it shards and holds it until it
-    returns. It needs that copy only for `cpu_ram_efficient_loading`, which it refuses for 4-bit weights and lorapipe
-    leaves off. The copy keeps every whole weight alive while `fully_shard` builds the shards, so each GPU held the
-    whole 4-bit base and its share at once (measured, Llama-3-8B shape on 2 GPUs: 7.96 GiB while loading against
-    5.41 GiB on one GPU). Here the model gives accelerate an empty state dict for that one call; nothing else changes.
+    accelerate 1.15's `fsdp2_prepare_model` keeps two kinds of reference to whole weights until it returns:
+    - `model.state_dict()`, taken before it shards. It needs that copy only for `cpu_ram_efficient_loading`, which
+      it refuses for 4-bit weights and lorapipe leaves off. The copy kept every whole weight alive while `fully_shard`
+      built the shards, so each GPU held the whole 4-bit base and its share at once (measured, Llama-3-8B shape on 2
+      GPUs: 7.96 GiB while loading against 5.41 GiB on one GPU). Here the model gives accelerate an empty state dict
+      for that one call.
+    - the embedding and output weights, to check whether they are tied. `fully_shard` replaces every weight it shards
+      by a new parameter, and leaves the old one to be freed, but accelerate still holds these two: with the base
+      quantized in CPU memory (train.fsdp_loading cpu), FSDP had moved them whole to the GPU, and they stayed there
+      (measured, 8B shape, 2 processes: 4.74 GiB while loading against 2.79 GiB of shards). Here each old parameter
+      that `fully_shard` replaced gives up its data as the call returns; the objects stay, so the tying check is
+      unchanged.
     """
     import accelerate.accelerator as acc
 
@@ -439,10 +446,26 @@ def shard_without_copy() -> None:
     def prepare(accelerator, model):
         if accelerator.state.fsdp_plugin.cpu_ram_efficient_loading:  # the one case that reads the copy
             return original(accelerator, model)
+        import torch.distributed.fsdp as fsdp
+
+        real = fsdp.fully_shard
+
+        def fully_shard(module, *args, **kwargs):
+            modules = module if isinstance(module, (list, tuple)) else [module]
+            before = [p for m in modules for p in m.parameters()]
+            out = real(module, *args, **kwargs)
+            kept = {id(p) for m in modules for p in m.parameters()}
+            for p in before:
+                if id(p) not in kept:  # replaced by its shards
+                    p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+            return out
+
         model.state_dict = lambda *args, **kwargs: {}
+        fsdp.fully_shard = fully_shard  # accelerate imports it from there when called
         try:
             return original(accelerator, model)
         finally:
+            fsdp.fully_shard = real
             del model.state_dict
 
     prepare.lorapipe = True
