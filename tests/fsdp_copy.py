@@ -8,7 +8,6 @@ import os
 import sys
 import weakref
 from pathlib import Path
-from types import SimpleNamespace
 
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29561"), RANK="0",
                   WORLD_SIZE="1", LOCAL_RANK="0")
@@ -16,7 +15,7 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PO
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.distributed.fsdp as fsdp_mod  # noqa: E402
-from accelerate.utils import FullyShardedDataParallelPlugin  # noqa: E402
+from fsdp_helpers import accelerator_for  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 
@@ -50,13 +49,7 @@ def shard(patched: bool) -> dict:
         done.extend(i for i, layer in enumerate(layers) if module is layer)
         return out
 
-    plugin = FullyShardedDataParallelPlugin(
-        fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-        transformer_cls_names_to_wrap=list(model.base_model.model._no_split_modules),
-        reshard_after_forward=True, cpu_ram_efficient_loading=False, state_dict_type="SHARDED_STATE_DICT")
-    accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=mesh,
-                                  parallelism_config=SimpleNamespace(fsdp_dim_names=("dp_shard",)),
-                                  mixed_precision="bf16", is_main_process=True, device=torch.device("cpu"))
+    accelerator = accelerator_for(model, mesh, torch.device("cpu"))
     saved = acc.fsdp2_prepare_model
     if patched:
         train.shard_without_copy()

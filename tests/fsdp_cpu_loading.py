@@ -7,12 +7,11 @@ gradients."""
 import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import accelerate.accelerator as acc
 import torch
 import torch.distributed as dist
-from accelerate.utils import FullyShardedDataParallelPlugin
+from fsdp_helpers import accelerator_for
 from peft import LoraConfig, get_peft_model
 from torch.distributed.device_mesh import init_device_mesh
 
@@ -36,15 +35,8 @@ def shard(on_cpu: bool) -> dict:
                                              init_lora_weights=False))
     q = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
     whole = tuple(q.weight.shape)
-    plugin = FullyShardedDataParallelPlugin(
-        fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-        transformer_cls_names_to_wrap=list(model.base_model.model._no_split_modules),
-        reshard_after_forward=True, cpu_ram_efficient_loading=False, state_dict_type="SHARDED_STATE_DICT")
-    accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=mesh,
-                                  parallelism_config=SimpleNamespace(fsdp_dim_names=("dp_shard",)),
-                                  mixed_precision="bf16", is_main_process=dist.get_rank() == 0,
-                                  device=torch.device("cuda", 0))
-    model = acc.fsdp2_prepare_model(accelerator, model)
+    model = acc.fsdp2_prepare_model(accelerator_for(model, mesh, torch.device("cuda", 0), dist.get_rank() == 0),
+                                    model)
     qs = q.quant_state
     devices = {str(t.device) for t in [*model.parameters(), *model.buffers(), qs.absmax, qs.code, qs.state2.absmax]}
     ids = torch.tensor([[1, 5, 9, 3, 7, 2, 8, 4]], device="cuda")

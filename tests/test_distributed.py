@@ -176,6 +176,15 @@ def test_more_processes_than_gpus_is_refused_before_torchrun(tiny_cfg, monkeypat
         launch.check(cfg, 4)
 
 
+def _two_processes(script: str, model: Path, out: Path) -> dict:
+    """Run tests/<script> under torchrun in two processes; it writes JSON to `out` (its second argument)."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(Path(__file__).parent / script), str(model), str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
 def test_sync_free_step_of_cuda_graphs_keeps_trl_figures_in_two_processes(tiny_model, tmp_path):
     """`train.cuda_graphs` with DDP: the sync-free step (speed.sft_trainer) gathers its figures from every process
     only when a step logs, saves or ends. Two processes log TRL's own loss, gradient norm, entropy, accuracy and
@@ -188,12 +197,7 @@ def test_sync_free_step_of_cuda_graphs_keeps_trl_figures_in_two_processes(tiny_m
         _sys.path.insert(0, sys_path)
     from test_speed import _graphs_trainer_run
 
-    out = tmp_path / "two.json"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(Path(__file__).parent / "graphs_ddp.py"), str(tiny_model), str(out)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    two = json.loads(out.read_text())
+    two = _two_processes("graphs_ddp.py", tiny_model, tmp_path / "two.json")
     one, one_seen, real = _graphs_trainer_run(tiny_model, tmp_path / "one", async_host=True, batch=8)
     fast, ref = two["async"], two["trl"]
     assert len(fast["logged"]) == len(ref["logged"]) == len(one) == 2
@@ -247,12 +251,7 @@ def test_fsdp_loading_in_cpu_memory_puts_every_tensor_on_the_gpu_as_a_share(tiny
     quantization state is on the GPU, each process holds half of each weight, and the model computes the loss of the
     base quantized on the GPU (the same 4-bit codes; a few double-quantized scales differ in the last bit) with a
     gradient for every LoRA weight."""
-    out = tmp_path / "cpu_loading.json"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(Path(__file__).parent / "fsdp_cpu_loading.py"), str(tiny_model), str(out)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads(out.read_text())
+    r = _two_processes("fsdp_cpu_loading.py", tiny_model, tmp_path / "cpu_loading.json")
     gpu, cpu = r["gpu"], r["cpu"]
     assert gpu["gpu_after_load"] > 0 and cpu["gpu_after_load"] == 0
     assert gpu["devices"] == cpu["devices"] == ["cuda:0"]
