@@ -1,7 +1,8 @@
 """Run by tests/test_train.py in its own process (gloo, one CPU process): accelerate's real `fsdp2_prepare_model`
 shards a tiny 4-bit LoRA model layer by layer, with and without lorapipe's `shard_without_copy`. After each
 `fully_shard` it notes how many of the already-sharded layers' whole 4-bit weights are still alive when the next
-call starts, and at the last (the root's) whether the embedding's whole weight is. Writes JSON to argv[2]."""
+call starts, and at the last (the root's) whether the embedding's whole weight is; then the same with the base
+read back from lorapipe's cache of it (train.fsdp_loading cpu). Writes JSON to argv[2]."""
 
 import json
 import os
@@ -21,17 +22,26 @@ from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 
 from lorapipe import train  # noqa: E402
 from lorapipe.config import ModelCfg, QuantCfg  # noqa: E402
-from lorapipe.models import load_model  # noqa: E402
+from lorapipe.models import _quantized_in_cpu_memory, load_model, quantization_config  # noqa: E402
 
 dist.init_process_group("gloo")
 mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("dp_shard",))
 real_fully_shard = fsdp_mod.fully_shard
 
 
-def shard(patched: bool) -> dict:
+def cached_base():
+    """The base as train.fsdp_loading cpu reads it back from lorapipe's cache (made by the first call)."""
+    quant = QuantCfg()
+    kwargs = dict(revision=None, trust_remote_code=False, dtype=torch.bfloat16, device_map={"": "cpu"},
+                  quantization_config=quantization_config(quant, torch.bfloat16))
+    return _quantized_in_cpu_memory(sys.argv[1], ModelCfg(name_or_path=sys.argv[1]), quant, torch.bfloat16, kwargs)
+
+
+def shard(patched: bool, cached: bool = False) -> dict:
     import accelerate.accelerator as acc
 
-    model = load_model(sys.argv[1], ModelCfg(name_or_path=sys.argv[1]), QuantCfg(), torch.bfloat16)
+    model = cached_base() if cached else load_model(sys.argv[1], ModelCfg(name_or_path=sys.argv[1]), QuantCfg(),
+                                                    torch.bfloat16)
     model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
     layers = model.base_model.model.model.layers
     whole = {i: [weakref.ref(p.untyped_storage()) for p in layer.parameters() if not p.requires_grad]
@@ -68,6 +78,7 @@ def shard(patched: bool) -> dict:
             "loss": loss.item(), "grads": sum(p.grad is not None for p in trained), "trainable": len(trained)}
 
 
-result = {"accelerate": shard(patched=False), "lorapipe": shard(patched=True)}
+cached_base()  # fills the cache (LORAPIPE_CACHE: the test's folder)
+result = {"accelerate": shard(patched=False), "lorapipe": shard(patched=True), "cached": shard(True, cached=True)}
 Path(sys.argv[2]).write_text(json.dumps(result))
 dist.destroy_process_group()

@@ -217,7 +217,8 @@ def test_fsdp_frees_each_layers_whole_weights_once_sharded(tiny_model, tmp_path)
     it keeps every layer's whole 4-bit weights alive until the last layer is sharded (its state-dict copy), so each
     GPU held the base and its share at once, and the embedding's whole weight (to check its tying); with lorapipe's
     `shard_without_copy` they are freed as they are sharded, and the sharded model computes the same loss, with
-    gradients for every LoRA weight and a whole state dict after."""
+    gradients for every LoRA weight and a whole state dict after. The base read back from lorapipe's cache of it
+    (train.fsdp_loading cpu) shards and computes the same."""
     import socket
 
     with socket.socket() as s:
@@ -225,7 +226,8 @@ def test_fsdp_frees_each_layers_whole_weights_once_sharded(tiny_model, tmp_path)
         port = s.getsockname()[1]
     out = tmp_path / "fsdp.json"
     proc = subprocess.run([sys.executable, str(Path(__file__).parent / "fsdp_copy.py"), str(tiny_model), str(out)],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "MASTER_PORT": str(port)})
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "MASTER_PORT": str(port), "LORAPIPE_CACHE": str(tmp_path / "cache")})
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
     plain, ours = r["accelerate"], r["lorapipe"]
@@ -242,6 +244,10 @@ def test_fsdp_frees_each_layers_whole_weights_once_sharded(tiny_model, tmp_path)
     assert ours["loss"] == pytest.approx(plain["loss"], rel=1e-6)
     assert ours["grads"] == ours["trainable"] == plain["trainable"] > 0
     assert ours["state_dict_keys"] == plain["state_dict_keys"] > 0
+    cached = r["cached"]  # the base read back from lorapipe's cache shards and trains the same
+    assert (tmp_path / "cache" / "quantized").is_dir()
+    assert cached["loss"] == ours["loss"] and cached["grads"] == cached["trainable"] == ours["trainable"]
+    assert cached["whole_alive_at_each_call"] == ours["whole_alive_at_each_call"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")

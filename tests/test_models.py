@@ -66,3 +66,48 @@ def test_four_bit_load_is_really_nf4(tiny_model):
     assert len(layers) == 2 * 7  # q, k, v, o, gate, up, down in each of 2 layers
     qs = layers[0].weight.quant_state
     assert qs.quant_type == "nf4" and qs.nested  # nested = double quantization
+
+
+def test_the_base_quantized_in_cpu_memory_is_kept_for_later_runs(tiny_model, tmp_path, monkeypatch):
+    """train.fsdp_loading cpu: bitsandbytes quantizes on the CPU slowly (minutes for large models), so the first run
+    keeps the 4-bit base in lorapipe's cache and later runs read it back: the same 4-bit codes, scales and loss,
+    without quantizing, and the model still names the real base (the adapter records it). Another base, other
+    weights in the same folder, or other quantization settings get another entry; LORAPIPE_QUANTIZED_CACHE=0 keeps
+    nothing."""
+    import os
+
+    import bitsandbytes.functional as bnbf
+
+    from lorapipe.config import QuantCfg
+
+    monkeypatch.setenv("LORAPIPE_CACHE", str(tmp_path / "cache"))
+    path, cfg, quant = str(tiny_model), ModelCfg(name_or_path=str(tiny_model)), QuantCfg()
+
+    def load():
+        kwargs = dict(revision=None, trust_remote_code=False, dtype=torch.bfloat16, device_map={"": "cpu"},
+                      quantization_config=models.quantization_config(quant, torch.bfloat16))
+        return models._quantized_in_cpu_memory(path, cfg, quant, torch.bfloat16, kwargs)
+
+    first = load()
+    kept = models._quantized_cache(path, cfg, quant, torch.bfloat16)
+    assert (kept / "config.json").is_file() and kept.parent == tmp_path / "cache" / "quantized"
+    monkeypatch.setattr(bnbf, "quantize_4bit", lambda *a, **k: pytest.fail("quantized again"))
+    again = load()
+    w1, w2 = (m.model.layers[0].mlp.down_proj.weight for m in (first, again))
+    assert torch.equal(w1.view(torch.uint8), w2.view(torch.uint8)) and w2.dtype == torch.bfloat16
+    assert torch.equal(w1.quant_state.absmax, w2.quant_state.absmax)
+    assert torch.equal(w1.quant_state.state2.absmax, w2.quant_state.state2.absmax)
+    ids = torch.tensor([[1, 5, 9, 3, 7]])
+    assert again(input_ids=ids, labels=ids).loss.item() == first(input_ids=ids, labels=ids).loss.item()
+    assert again.config._name_or_path == path and again.is_loaded_in_4bit
+    assert models._quantized_cache(path, cfg, QuantCfg(double_quant=False), torch.bfloat16) != kept
+    assert models._quantized_cache(path, cfg, quant, torch.float16) != kept
+    weights = next(f for f in tiny_model.iterdir() if f.suffix == ".safetensors")
+    times = (weights.stat().st_atime_ns, weights.stat().st_mtime_ns)
+    os.utime(weights, ns=(times[0], times[1] + 1))  # the same name and size, written again
+    try:
+        assert models._quantized_cache(path, cfg, quant, torch.bfloat16) != kept
+    finally:
+        os.utime(weights, ns=times)
+    monkeypatch.setenv("LORAPIPE_QUANTIZED_CACHE", "0")
+    assert models._quantized_cache(path, cfg, quant, torch.bfloat16) is None

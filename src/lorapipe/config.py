@@ -144,8 +144,9 @@ class TrainCfg(_Section):
         "gpu: transformers quantizes on the GPU, fast, but each GPU holds the whole 4-bit base once. cpu: "
         "bitsandbytes quantizes in CPU memory (each process holds the whole 4-bit base there) and FSDP moves each "
         "layer to the GPU as it shards it, so a GPU only ever holds its share and one layer or embedding: for a "
-        "base whose 4-bit weights do not fit one GPU; slower (CPU quantization). auto: gpu when preflight's "
-        "estimate of that loading peak fits the GPU, else cpu.")
+        "base whose 4-bit weights do not fit one GPU; slower (CPU quantization; later runs read the first run's "
+        "result back from lorapipe's cache). auto: gpu when preflight's estimate of that loading peak fits the GPU, "
+        "else cpu.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     per_device_train_batch_size: int = Field(4, gt=0, description="Examples per device per forward pass.")
     gradient_accumulation_steps: int = Field(4, gt=0, description="Forward passes per optimizer step.")

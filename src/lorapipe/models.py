@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -151,8 +152,7 @@ def load_model(path: str, cfg: ModelCfg, quant: QuantCfg | None, dtype: torch.dt
     """Load the base for training (4-bit when quant.load_in_4bit) or in full precision (quant None: merge, verify).
 
     `on_cpu` (FSDP, train.fsdp_loading cpu): the 4-bit base is quantized and kept in CPU memory although a GPU is
-    there; FSDP moves each layer to the GPU as it shards it. bitsandbytes quantizes on the CPU with torch's threads,
-    which torchrun sets to 1 per process: this machine's cores are shared out among its processes while loading."""
+    there (or read back from lorapipe's cache of it); FSDP moves each layer to the GPU as it shards it."""
     from transformers import AutoModelForCausalLM
 
     console.quiet_transformers()
@@ -167,19 +167,90 @@ def load_model(path: str, cfg: ModelCfg, quant: QuantCfg | None, dtype: torch.dt
             else {"": "cpu"}
     elif torch.cuda.is_available():
         kwargs["device_map"] = {"": torch.cuda.current_device()}
-    threads = torch.get_num_threads()
     if on_cpu:
-        here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(max(threads, len(os.sched_getaffinity(0)) // here))
+        model = _quantized_in_cpu_memory(path, cfg, quant, dtype, kwargs)
+        model.__dict__.pop("hf_device_map", None)  # FSDP places it: accelerate refuses a 4-bit model mapped elsewhere
+        return model
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(path, exc) from exc
+
+
+def _quantized_in_cpu_memory(path: str, cfg: ModelCfg, quant: QuantCfg, dtype: torch.dtype, kwargs: dict):
+    """The 4-bit base quantized in CPU memory, from lorapipe's cache when an earlier run made it.
+
+    bitsandbytes quantizes on the CPU far slower than on a GPU (the Llama-3-8B shape: 35 s with 16 cores, 3 s on
+    an H200), and every process of a run does it. So local rank 0 also saves what it made, once, as a pre-quantized
+    checkpoint (transformers' own format for bitsandbytes weights), and later runs read it back instead: the same
+    4-bit codes and scales. The cache is kept only where the base can be pinned (`_quantized_cache`)."""
+    from transformers import AutoModelForCausalLM
+
+    cached = _quantized_cache(path, cfg, quant, dtype)
+    if cached is not None and (cached / "config.json").is_file():
+        log.info("the 4-bit base, quantized by an earlier run: %s", cached)
+        kept = {k: v for k, v in kwargs.items() if k != "quantization_config"}  # it is in the saved config
+        model = AutoModelForCausalLM.from_pretrained(cached, **{**kept, "revision": None})
+        model.config._name_or_path = path  # the adapter names the base, not the cache
+        return model
+    threads = torch.get_num_threads()  # torchrun sets 1 per process: share this machine's cores out among them
+    torch.set_num_threads(max(threads, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         raise _hub_error(path, exc) from exc
     finally:
         torch.set_num_threads(threads)
-    if on_cpu:  # where the weights will be is FSDP's to decide: accelerate refuses a 4-bit model mapped elsewhere
-        model.__dict__.pop("hf_device_map", None)
+    if cached is not None and os.environ.get("LOCAL_RANK", "0") == "0":
+        size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        free = shutil.disk_usage(_existing_parent(cached)).free
+        if free < 1.2 * size:
+            log.warning("not keeping the 4-bit base for later runs: %.1f GiB needed, %.1f GiB free in %s",
+                        size / 2**30, free / 2**30, cached.parent)
+            return model
+        try:
+            with atomic_dir(cached, overwrite=True) as tmp:
+                model.save_pretrained(tmp)
+            log.info("kept the 4-bit base for later runs (%.1f GiB): %s; delete it to free the space",
+                     size / 2**30, cached)
+        except OSError as exc:
+            log.warning("not keeping the 4-bit base for later runs: %s", exc)
     return model
+
+
+def _quantized_cache(path: str, cfg: ModelCfg, quant: QuantCfg, dtype: torch.dtype) -> Path | None:
+    """Where the base quantized in CPU memory is kept, under a key of everything that decides its bytes: the base's
+    weights (a local folder's file names, sizes and times; a Hub id's commit, once its config is in the Hub cache),
+    the quantization settings, the dtype, and the transformers and bitsandbytes versions. None when the base cannot
+    be pinned (a Hub id not in the local cache) or the cache is turned off (LORAPIPE_QUANTIZED_CACHE=0)."""
+    import hashlib
+    import json
+
+    import bitsandbytes
+    import transformers
+
+    if os.environ.get("LORAPIPE_QUANTIZED_CACHE", "1") == "0":
+        return None
+    folder = Path(path)
+    if folder.is_dir():
+        files = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(folder.iterdir()) if f.is_file()]
+        source: object = [str(folder.resolve()), files]
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(path, "config.json", revision=cfg.revision)
+        if not isinstance(found, str):
+            return None
+        source = [path, Path(found).parent.name]  # snapshots/<commit>/config.json
+    key = json.dumps([source, quant.model_dump(mode="json"), str(dtype), transformers.__version__,
+                      bitsandbytes.__version__])
+    return cache_dir() / "quantized" / hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def _existing_parent(p: Path) -> Path:
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
 
 
 def device_summary() -> str:
