@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -111,3 +113,31 @@ def test_the_base_quantized_in_cpu_memory_is_kept_for_later_runs(tiny_model, tmp
         os.utime(weights, ns=times)
     monkeypatch.setenv("LORAPIPE_QUANTIZED_CACHE", "0")
     assert models._quantized_cache(path, cfg, quant, torch.bfloat16) is None
+
+
+def test_only_local_rank_0_quantizes_the_others_read_its_copy(tiny_model, tmp_path):
+    """train.fsdp_loading cpu with several processes: local rank 0 quantizes (with all the cores) and keeps the
+    base; the others wait for it and read it back, the same bytes, without quantizing. When rank 0 cannot keep it
+    (the disk is short) it says so to the others, and each quantizes itself."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def run(case: str) -> list[dict]:
+        env = {**os.environ, "LORAPIPE_CACHE": str(tmp_path / case / "cache")}
+        env.pop("LORAPIPE_QUANTIZED_CACHE", None)
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               str(Path(__file__).parent / "quantized_wait.py"), str(tiny_model),
+                               str(tmp_path / case / "out"), case], capture_output=True, text=True, timeout=300,
+                              env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return [json.loads((tmp_path / case / f"out-{r}.json").read_text()) for r in (0, 1)]
+
+    zero, one = run("kept")
+    assert zero["quantized"] > 0 and one["quantized"] == 0
+    assert (zero["codes"], zero["absmax"]) == (one["codes"], one["absmax"])
+    assert zero["base"] == one["base"] == str(tiny_model)
+    zero, one = run("short")
+    assert zero["quantized"] > 0 and one["quantized"] > 0 and zero["codes"] == one["codes"]
+    assert not list((tmp_path / "short" / "cache" / "quantized").glob("*/config.json"))

@@ -11,6 +11,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -178,43 +179,56 @@ def load_model(path: str, cfg: ModelCfg, quant: QuantCfg | None, dtype: torch.dt
 
 
 def _quantized_in_cpu_memory(path: str, cfg: ModelCfg, quant: QuantCfg, dtype: torch.dtype, kwargs: dict):
-    """The 4-bit base quantized in CPU memory, from lorapipe's cache when an earlier run made it.
+    """The 4-bit base quantized in CPU memory, from lorapipe's cache when it is there.
 
     bitsandbytes quantizes on the CPU far slower than on a GPU (the Llama-3-8B shape: 35 s with 16 cores, 3 s on
-    an H200), and every process of a run does it. So local rank 0 also saves what it made, once, as a pre-quantized
-    checkpoint (transformers' own format for bitsandbytes weights), and later runs read it back instead: the same
-    4-bit codes and scales. The cache is kept only where the base can be pinned (`_quantized_cache`)."""
+    an H200). So only local rank 0 quantizes, with all of this machine's cores, and saves the result as a
+    pre-quantized checkpoint (transformers' own format for bitsandbytes weights); the run's other processes wait for
+    it and read it back, and so do later runs: the same 4-bit codes and scales. Waiting is a look at the folder every
+    second, not a collective, so no NCCL timeout runs meanwhile (torchrun stops the others if rank 0 dies). Where
+    nothing can be kept (`_quantized_cache` None, or rank 0 finds the disk short) every process quantizes."""
     from transformers import AutoModelForCausalLM
 
     cached = _quantized_cache(path, cfg, quant, dtype)
+    run_id, first = os.environ.get("TORCHELASTIC_RUN_ID"), os.environ.get("LOCAL_RANK", "0") == "0"
+    failed = cached.with_name(cached.name + ".failed") if cached is not None else None
+    if cached is not None and run_id and not first and not (cached / "config.json").is_file():
+        log.debug("waiting for local rank 0 to quantize the 4-bit base into %s", cached)
+        while not (cached / "config.json").is_file():
+            if failed.is_file() and failed.read_text() == run_id:  # rank 0 could not keep it: quantize here too
+                break
+            time.sleep(1)
     if cached is not None and (cached / "config.json").is_file():
-        log.info("the 4-bit base, quantized by an earlier run: %s", cached)
+        log.info("the 4-bit base, quantized once and kept: %s", cached)
         kept = {k: v for k, v in kwargs.items() if k != "quantization_config"}  # it is in the saved config
         model = AutoModelForCausalLM.from_pretrained(cached, **{**kept, "revision": None})
         model.config._name_or_path = path  # the adapter names the base, not the cache
         return model
-    threads = torch.get_num_threads()  # torchrun sets 1 per process: share this machine's cores out among them
-    torch.set_num_threads(max(threads, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    alone = cached is not None and run_id and first  # the others wait: all cores to this one
+    share = 1 if alone else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    threads = torch.get_num_threads()  # torchrun sets 1 per process
+    torch.set_num_threads(max(threads, len(os.sched_getaffinity(0)) // share))
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         raise _hub_error(path, exc) from exc
     finally:
         torch.set_num_threads(threads)
-    if cached is not None and os.environ.get("LOCAL_RANK", "0") == "0":
+    if cached is not None and first:
         size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         free = shutil.disk_usage(_existing_parent(cached)).free
-        if free < 1.2 * size:
-            log.warning("not keeping the 4-bit base for later runs: %.1f GiB needed, %.1f GiB free in %s",
-                        size / 2**30, free / 2**30, cached.parent)
-            return model
         try:
+            if free < 1.2 * size:
+                raise OSError(f"{size / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free in {cached.parent}")
             with atomic_dir(cached, overwrite=True) as tmp:
                 model.save_pretrained(tmp)
             log.info("kept the 4-bit base for later runs (%.1f GiB): %s; delete it to free the space",
                      size / 2**30, cached)
         except OSError as exc:
             log.warning("not keeping the 4-bit base for later runs: %s", exc)
+            if run_id:
+                failed.parent.mkdir(parents=True, exist_ok=True)
+                failed.write_text(run_id)
     return model
 
 
