@@ -22,7 +22,7 @@ from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 
 from lorapipe import train  # noqa: E402
 from lorapipe.config import ModelCfg, QuantCfg  # noqa: E402
-from lorapipe.models import _quantized_in_cpu_memory, load_model, quantization_config  # noqa: E402
+from lorapipe.models import _quantized_in_cpu_memory, load_model  # noqa: E402
 
 dist.init_process_group("gloo")
 mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("dp_shard",))
@@ -31,10 +31,7 @@ real_fully_shard = fsdp_mod.fully_shard
 
 def cached_base():
     """The base as train.fsdp_loading cpu reads it back from lorapipe's cache (made by the first call)."""
-    quant = QuantCfg()
-    kwargs = dict(revision=None, trust_remote_code=False, dtype=torch.bfloat16, device_map={"": "cpu"},
-                  quantization_config=quantization_config(quant, torch.bfloat16))
-    return _quantized_in_cpu_memory(sys.argv[1], ModelCfg(name_or_path=sys.argv[1]), quant, torch.bfloat16, kwargs)
+    return _quantized_in_cpu_memory(sys.argv[1], ModelCfg(name_or_path=sys.argv[1]), QuantCfg(), torch.bfloat16)
 
 
 def shard(patched: bool, cached: bool = False) -> dict:

@@ -21,11 +21,7 @@ rank = os.environ["LOCAL_RANK"]
 if sys.argv[3] == "short" and rank == "0":
     usage = namedtuple("usage", "total used free")
     models.shutil = type("shutil", (), {"disk_usage": staticmethod(lambda p: usage(1, 1, 1))})
-quant = QuantCfg()
-kwargs = dict(revision=None, trust_remote_code=False, dtype=torch.bfloat16, device_map={"": "cpu"},
-              quantization_config=models.quantization_config(quant, torch.bfloat16))
-model = models._quantized_in_cpu_memory(sys.argv[1], ModelCfg(name_or_path=sys.argv[1]), quant, torch.bfloat16,
-                                        kwargs)
+model = models._quantized_in_cpu_memory(sys.argv[1], ModelCfg(name_or_path=sys.argv[1]), QuantCfg(), torch.bfloat16)
 w = model.model.layers[0].mlp.down_proj.weight
 Path(f"{sys.argv[2]}-{rank}.json").write_text(json.dumps({
     "quantized": len(calls), "codes": w.view(torch.uint8).to(torch.int64).sum().item(),

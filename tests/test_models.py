@@ -86,9 +86,7 @@ def test_the_base_quantized_in_cpu_memory_is_kept_for_later_runs(tiny_model, tmp
     path, cfg, quant = str(tiny_model), ModelCfg(name_or_path=str(tiny_model)), QuantCfg()
 
     def load():
-        kwargs = dict(revision=None, trust_remote_code=False, dtype=torch.bfloat16, device_map={"": "cpu"},
-                      quantization_config=models.quantization_config(quant, torch.bfloat16))
-        return models._quantized_in_cpu_memory(path, cfg, quant, torch.bfloat16, kwargs)
+        return models._quantized_in_cpu_memory(path, cfg, quant, torch.bfloat16)
 
     first = load()
     kept = models._quantized_cache(path, cfg, quant, torch.bfloat16)

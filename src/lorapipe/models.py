@@ -7,6 +7,7 @@ safetensors (rebuilding LlamaForCausalLM and dropping the gguf quantization_conf
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -157,28 +158,33 @@ def load_model(path: str, cfg: ModelCfg, quant: QuantCfg | None, dtype: torch.dt
     from transformers import AutoModelForCausalLM
 
     console.quiet_transformers()
-    kwargs: dict = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype)
-    if attn:
-        kwargs["attn_implementation"] = attn
     quantized = quant is not None and quant.load_in_4bit
-    on_cpu = on_cpu and quantized and torch.cuda.is_available()
-    if quantized:
-        kwargs["quantization_config"] = quantization_config(quant, dtype)
-        kwargs["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() and not on_cpu \
-            else {"": "cpu"}
-    elif torch.cuda.is_available():
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
-    if on_cpu:
-        model = _quantized_in_cpu_memory(path, cfg, quant, dtype, kwargs)
+    if on_cpu and quantized and torch.cuda.is_available():
+        model = _quantized_in_cpu_memory(path, cfg, quant, dtype, attn)
         model.__dict__.pop("hf_device_map", None)  # FSDP places it: accelerate refuses a 4-bit model mapped elsewhere
         return model
+    device = torch.cuda.current_device() if torch.cuda.is_available() else ("cpu" if quantized else None)
     try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(path, **_load_kwargs(cfg, quant, dtype, attn, device))
     except (OSError, ValueError) as exc:
         raise _hub_error(path, exc) from exc
 
 
-def _quantized_in_cpu_memory(path: str, cfg: ModelCfg, quant: QuantCfg, dtype: torch.dtype, kwargs: dict):
+def _load_kwargs(cfg: ModelCfg, quant: QuantCfg | None, dtype: torch.dtype, attn: str | None,
+                 device: int | str | None) -> dict:
+    """`from_pretrained`'s arguments: 4-bit when quant.load_in_4bit, all of it on `device` (None: transformers'
+    default, the CPU)."""
+    kwargs: dict = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype)
+    if attn:
+        kwargs["attn_implementation"] = attn
+    if quant is not None and quant.load_in_4bit:
+        kwargs["quantization_config"] = quantization_config(quant, dtype)
+    if device is not None:
+        kwargs["device_map"] = {"": device}
+    return kwargs
+
+
+def _quantized_in_cpu_memory(path: str, cfg: ModelCfg, quant: QuantCfg, dtype: torch.dtype, attn: str | None = None):
     """The 4-bit base quantized in CPU memory, from lorapipe's cache when it is there.
 
     bitsandbytes quantizes on the CPU far slower than on a GPU (the Llama-3-8B shape: 35 s with 16 cores, 3 s on
@@ -200,8 +206,9 @@ def _quantized_in_cpu_memory(path: str, cfg: ModelCfg, quant: QuantCfg, dtype: t
             time.sleep(1)
     if cached is not None and (cached / "config.json").is_file():
         log.info("the 4-bit base, quantized once and kept: %s", cached)
-        kept = {k: v for k, v in kwargs.items() if k != "quantization_config"}  # it is in the saved config
-        model = AutoModelForCausalLM.from_pretrained(cached, **{**kept, "revision": None})
+        # the quantization settings are in the saved config; the cache is a local folder, not a Hub revision
+        kwargs = {**_load_kwargs(cfg, None, dtype, attn, "cpu"), "revision": None}
+        model = AutoModelForCausalLM.from_pretrained(cached, **kwargs)
         model.config._name_or_path = path  # the adapter names the base, not the cache
         return model
     alone = cached is not None and run_id and first  # the others wait: all cores to this one
@@ -209,15 +216,16 @@ def _quantized_in_cpu_memory(path: str, cfg: ModelCfg, quant: QuantCfg, dtype: t
     threads = torch.get_num_threads()  # torchrun sets 1 per process
     torch.set_num_threads(max(threads, len(os.sched_getaffinity(0)) // share))
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **_load_kwargs(cfg, quant, dtype, attn, "cpu"))
     except (OSError, ValueError) as exc:
         raise _hub_error(path, exc) from exc
     finally:
         torch.set_num_threads(threads)
     if cached is not None and first:
         size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-        free = shutil.disk_usage(_existing_parent(cached)).free
         try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(cached.parent).free
             if free < 1.2 * size:
                 raise OSError(f"{size / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free in {cached.parent}")
             with atomic_dir(cached, overwrite=True) as tmp:
@@ -227,8 +235,8 @@ def _quantized_in_cpu_memory(path: str, cfg: ModelCfg, quant: QuantCfg, dtype: t
         except OSError as exc:
             log.warning("not keeping the 4-bit base for later runs: %s", exc)
             if run_id:
-                failed.parent.mkdir(parents=True, exist_ok=True)
-                failed.write_text(run_id)
+                with contextlib.suppress(OSError):  # then the others wait on; the run stops at its first collective
+                    failed.write_text(run_id)
     return model
 
 
@@ -259,12 +267,6 @@ def _quantized_cache(path: str, cfg: ModelCfg, quant: QuantCfg, dtype: torch.dty
     key = json.dumps([source, quant.model_dump(mode="json"), str(dtype), transformers.__version__,
                       bitsandbytes.__version__])
     return cache_dir() / "quantized" / hashlib.sha256(key.encode()).hexdigest()[:20]
-
-
-def _existing_parent(p: Path) -> Path:
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
 
 
 def device_summary() -> str:

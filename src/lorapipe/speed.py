@@ -467,9 +467,8 @@ def estimate_memory(config, setting: Setting, tokens_per_micro: int, *, quantize
     lp = lora_params(s, r, targets)
     optim_bytes = {"paged_adamw_8bit": 2, "adamw_8bit": 2}.get(setting.optim, 8)
     lora = lp * (4 + 4 + optim_bytes)  # fp32 weights + grads + optimizer states (TRL keeps LoRA fp32 unless QLoRA)
-    whole = weights  # before FSDP shards them
+    whole, layer = weights, (weights - other_bytes) / layers  # before FSDP shards them
     if setting.shards > 1:  # each GPU keeps its share, plus the layers gathered for compute (this one, the next)
-        layer = (weights - other_bytes) / layers
         weights, lora = weights / setting.shards + 2 * layer, lora / setting.shards
     n_lora_in = len([t for t in targets if t in LORA_NAMES])
     q, kv = s["heads"] * s["head_dim"], s["kv"] * s["head_dim"]
@@ -496,7 +495,7 @@ def estimate_memory(config, setting: Setting, tokens_per_micro: int, *, quantize
     parts["total"] = sum(parts.values())
     if setting.shards > 1:
         parts["loading"] = fsdp_loading(whole, other_bytes, setting.shards, setting.cpu_loading, lora=lp * 4,
-                                        largest=max(vocab * h * wbytes, (whole - other_bytes) / layers))
+                                        largest=max(vocab * h * wbytes, layer))
         if setting.cpu_loading:
             parts["cpu_loading_ram"] = whole * 1.05  # each process's whole 4-bit base, in CPU memory
     return {k: round(v / 2**30, 3) for k, v in parts.items()}
