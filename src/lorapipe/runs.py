@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -66,6 +67,41 @@ def write_text(path: Path, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16", "I64": "int64",
+                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}  # code: torch name
+
+
+def write_safetensors(path: Path, specs: dict[str, tuple[Any, tuple[int, ...]]], tensor: Any) -> int:
+    """A safetensors file written one tensor at a time, so that no more than one tensor is in memory: `specs` maps
+    each name to its (torch dtype, shape), `tensor(name)` gives its values, or None to leave a hole (zeros on
+    read, no disk used: bench's sparse shapes). safetensors' own save_file needs every tensor at once, plus a bytes
+    copy of each. Returns the data's size in bytes."""
+    import struct
+
+    import torch
+
+    names = {getattr(torch, name): code for code, name in SAFETENSORS_DTYPES.items()}
+    header, end = {}, 0
+    for key, (dtype, shape) in specs.items():
+        size = dtype.itemsize * math.prod(shape)
+        header[key] = {"dtype": names[dtype], "shape": list(shape), "data_offsets": [end, end + size]}
+        end += size
+    text = json.dumps({**header, "__metadata__": {"format": "pt"}}).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for key, (dtype, shape) in specs.items():
+            t = tensor(key)
+            if t is None:
+                f.seek(8 + len(text) + header[key]["data_offsets"][1])
+                continue
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{key}: {t.dtype} {tuple(t.shape)} given for {dtype} {tuple(shape)}")
+            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        f.truncate(8 + len(text) + end)
+    return end
 
 
 def write_json(path: Path, obj: Any) -> None:
