@@ -71,3 +71,36 @@ def test_e2e_runs_the_cli_per_setting_and_counts_real_tokens_alike(tmp_path, cap
     bench_e2e.print_table(rows)
     out = capsys.readouterr().out
     assert "end to end" in out and "tutorial: before the loop start" in out
+
+
+def test_a_sparse_shape_writes_no_mlp_bytes_and_loads_like_real_weights(tmp_path):
+    """The Llama-3-70B shape's bf16 weights (141 GB) do not fit the GPU machine's disk, so bench writes its MLP
+    weights as holes in sparse files: they take no disk blocks and read back as zeros; the attention weights are
+    random as written; the 4-bit load quantizes the zeros without NaNs, and LoRA on q/k/v/o gets a gradient."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from lorapipe import bench, models
+    from lorapipe.config import ModelCfg, QuantCfg
+
+    assert "llama3-70b" in bench.SPARSE and bench.SHAPES["llama3-70b"][:3] == (8192, 28672, 80)
+    out = bench._sparse_model_dir((64, 4096, 2, 4, 2, 640), tmp_path / "m")
+    layer = out / "model-layer-001.safetensors"
+    mlp_bytes = 3 * 64 * 4096 * 2
+    assert layer.stat().st_size > mlp_bytes > 8 * layer.stat().st_blocks * 512
+    written = load_file(layer)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    assert not model.model.layers[1].mlp.up_proj.weight.any()
+    assert not written["model.layers.1.mlp.down_proj.weight"].any()
+    q = model.model.layers[1].self_attn.q_proj.weight
+    assert torch.equal(q, written["model.layers.1.self_attn.q_proj.weight"]) and 0.015 < q.float().std() < 0.025
+    path = str(out)
+    four = models.load_model(path, ModelCfg(name_or_path=path), QuantCfg(), torch.bfloat16)
+    lora = get_peft_model(four, LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    ids = torch.tensor([[1, 5, 9, 3, 7, 11, 4, 8]])
+    loss = lora(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = [p.grad for n, p in lora.named_parameters() if "lora_B" in n]
+    assert torch.isfinite(loss) and len(grads) == 8 and all(g is not None and g.abs().sum() > 0 for g in grads)

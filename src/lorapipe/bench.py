@@ -20,7 +20,7 @@ from lorapipe import serve
 from lorapipe.evaluate import tasks
 from lorapipe.evaluate.sandbox import Limits, run_code
 from lorapipe.models import device_summary
-from lorapipe.runs import load_run, write_json
+from lorapipe.runs import load_run, write_json, write_safetensors
 
 
 def eval_speed(run_dir: str | Path, overrides: dict[str, Any] | None = None, limit: int | None = None) -> dict:
@@ -69,7 +69,9 @@ SHAPES = {
     "tiny": (64, 128, 2, 4, 2, 640),
     "tinyllama-1.1b": (2048, 5632, 22, 32, 4, 32000),
     "llama3-8b": (4096, 14336, 32, 32, 8, 128256),
+    "llama3-70b": (8192, 28672, 80, 64, 8, 128256),  # written sparse: _sparse_model_dir
 }
+SPARSE = {"llama3-70b"}  # its bf16 weights (141 GB) would not fit most disks, nor the H200 machine's 64 GiB
 
 
 def _random_model_dir(shape: str, out: Path) -> Path:
@@ -77,6 +79,8 @@ def _random_model_dir(shape: str, out: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if shape in SPARSE:
+        return _sparse_model_dir(SHAPES[shape], out)
     h, inter, layers, heads, kv, vocab = SHAPES[shape]
     cfg = LlamaConfig(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
                       num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=4096,
@@ -87,6 +91,53 @@ def _random_model_dir(shape: str, out: Path) -> Path:
     model.save_pretrained(out)
     del model
     _word_tokenizer(vocab).save_pretrained(out)  # TRL wants a tokenizer (pad/eos) even for token-id data
+    return out
+
+
+def _sparse_model_dir(dims: tuple[int, ...], out: Path) -> Path:
+    """A Llama of shape `dims` whose MLP weights cost no disk: they are holes in sparse safetensors files, which read
+    back as zeros. Attention weights, embeddings and output layer are random bf16, norms ones. For the Llama-3-70B
+    shape that is 27 GB written instead of 141 GB. Loading, quantizing, memory and step time are those of real
+    weights of the shape (bitsandbytes and the matrix kernels do the same work whatever the values), so these runs
+    measure memory and speed. The loss is not a real model's: each MLP adds nothing to the residual, and LoRA on
+    MLP layers gets no gradient (on q/k/v/o, the default targets, it trains)."""
+    import torch
+    from transformers import LlamaConfig
+
+    h, inter, layers, heads, kv, vocab = dims
+    out.mkdir(parents=True, exist_ok=True)
+    hd = h // heads
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(dev).manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen, device=dev) * 0.02).to(torch.bfloat16).cpu()
+
+    def write(name: str, tensors: dict[str, tuple[tuple[int, ...], torch.Tensor | None]]) -> dict[str, str]:
+        """None: a hole, read back as zeros."""
+        write_safetensors(out / name, {k: (torch.bfloat16, shape) for k, (shape, _) in tensors.items()},
+                          lambda k: tensors[k][1])
+        return dict.fromkeys(tensors, name)
+
+    ones = torch.ones(h, dtype=torch.bfloat16)
+    index = write("model-embeddings.safetensors", {"model.embed_tokens.weight": ((vocab, h), rand(vocab, h)),
+                                                   "lm_head.weight": ((vocab, h), rand(vocab, h)),
+                                                   "model.norm.weight": ((h,), ones)})
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        index |= write(f"model-layer-{i:03d}.safetensors", {
+            p + "self_attn.q_proj.weight": ((heads * hd, h), rand(heads * hd, h)),
+            p + "self_attn.k_proj.weight": ((kv * hd, h), rand(kv * hd, h)),
+            p + "self_attn.v_proj.weight": ((kv * hd, h), rand(kv * hd, h)),
+            p + "self_attn.o_proj.weight": ((h, heads * hd), rand(h, heads * hd)),
+            p + "mlp.gate_proj.weight": ((inter, h), None), p + "mlp.up_proj.weight": ((inter, h), None),
+            p + "mlp.down_proj.weight": ((h, inter), None),
+            p + "input_layernorm.weight": ((h,), ones), p + "post_attention_layernorm.weight": ((h,), ones)})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+    LlamaConfig(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=4096, tie_word_embeddings=False,
+                pad_token_id=0, bos_token_id=1, eos_token_id=2, dtype="bfloat16").save_pretrained(out)
+    _word_tokenizer(vocab).save_pretrained(out)
     return out
 
 

@@ -408,8 +408,9 @@ VERBS = {
         p.add_argument("--hostile", type=int, default=1000, help="abuse: malformed or hostile requests to send"),
         p.add_argument("--requests", type=int, default=192, help="abuse: chat requests of the load phase"),
         p.add_argument("--limit", type=int, default=None, help="eval: only the first N tasks"),
-        p.add_argument("--shapes", default=None, help="train: model shapes (tinyllama-1.1b,llama3-8b; default "
-                       "tinyllama-1.1b); serve: also smollm2-135m (default on CPU)"),
+        p.add_argument("--shapes", default=None, help="train: model shapes (tinyllama-1.1b,llama3-8b,llama3-70b; "
+                       "default tinyllama-1.1b; llama3-70b's MLP weights are zeros, written sparse: for memory and "
+                       "time only); serve: also smollm2-135m (default on CPU)"),
         p.add_argument("--rows", default=None, help="serve: rows to run (default all; see lorapipe.bench_serve)"),
         p.add_argument("--prompts", type=int, default=None, help="serve: prompts (GPU default 256, CPU 16)"),
         p.add_argument("--input-len", default=None, help="serve: prompt tokens LO:HI (GPU 100:1024, CPU 32:256)"),
