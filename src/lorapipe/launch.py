@@ -62,7 +62,8 @@ def train(cfg: RunCfg, n: int, overwrite: bool = False, force: bool = False, res
     there twice: the terminal signalled the child and this parent, which passed it on again, so the agent broke off
     its shutdown with a traceback. The agent starts each training process in a session of its own and passes every
     signal on once; they agree on one step at which to checkpoint and stop (checkpoint.Checkpoints). It waits 30 s
-    for them, then kills them: a checkpoint cut off there is left unsealed, and resuming takes the one before. A
+    for them (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, read by torch >= 2.12, changes that), then kills them: a checkpoint
+    cut off there is left unsealed, and resuming takes the one before. A
     bad input that the processes found (exit 2, printed once per machine) and a stop on a signal (128 + signal, the
     checkpoint saved) keep their exit codes; any other failure is summed up in one line instead of torchrun's
     report."""

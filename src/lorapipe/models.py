@@ -12,6 +12,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -192,10 +193,10 @@ def _quantized_in_cpu_memory(path: str, cfg: ModelCfg, quant: QuantCfg, dtype: t
     pre-quantized checkpoint (transformers' own format for bitsandbytes weights); the run's other processes wait for
     it and read it back, and so do later runs: the same 4-bit codes and scales. Waiting is a look at the folder every
     second, not a collective, so no NCCL timeout runs meanwhile (torchrun stops the others if rank 0 dies). Where
-    nothing can be kept (`_quantized_cache` None, or rank 0 finds the disk short) every process quantizes."""
+    nothing can be kept (`quantized_cache` None, or rank 0 finds the disk short) every process quantizes."""
     from transformers import AutoModelForCausalLM
 
-    cached = _quantized_cache(path, cfg, quant, dtype)
+    cached = quantized_cache(path, cfg, quant, dtype)
     run_id, first = os.environ.get("TORCHELASTIC_RUN_ID"), os.environ.get("LOCAL_RANK", "0") == "0"
     failed = cached.with_name(cached.name + ".failed") if cached is not None else None
     if cached is not None and run_id and not first and not (cached / "config.json").is_file():
@@ -222,16 +223,8 @@ def _quantized_in_cpu_memory(path: str, cfg: ModelCfg, quant: QuantCfg, dtype: t
     finally:
         torch.set_num_threads(threads)
     if cached is not None and first:
-        size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            free = shutil.disk_usage(cached.parent).free
-            if free < 1.2 * size:
-                raise OSError(f"{size / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free in {cached.parent}")
-            with atomic_dir(cached, overwrite=True) as tmp:
-                model.save_pretrained(tmp)
-            log.info("kept the 4-bit base for later runs (%.1f GiB): %s; delete it to free the space",
-                     size / 2**30, cached)
+            _keep_quantized(model, cached)
         except OSError as exc:
             log.warning("not keeping the 4-bit base for later runs: %s", exc)
             if run_id:
@@ -240,7 +233,51 @@ def _quantized_in_cpu_memory(path: str, cfg: ModelCfg, quant: QuantCfg, dtype: t
     return model
 
 
-def _quantized_cache(path: str, cfg: ModelCfg, quant: QuantCfg, dtype: torch.dtype) -> Path | None:
+def _keep_quantized(model, cached: Path) -> None:
+    """Save the 4-bit base into `cached`, unless a copy is there already: the first one kept stays.
+
+    Several processes may quantize the same key at once: each node's rank 0 when nodes share the cache folder, or
+    two runs of one base started together. Swapping a kept copy out could pull files from under a process that is
+    reading it, so the finished folder is renamed into place only onto nothing (renaming onto a folder with files
+    fails), and the one that loses the race removes its own. OSError: nothing was kept (no space, a read-only
+    folder, a broken entry in the way)."""
+    if (cached / "config.json").is_file():
+        return
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    cached.parent.mkdir(parents=True, exist_ok=True)  # also where a failure marker for the others goes
+    short = room_short(cached, size)
+    if short:
+        raise OSError(short)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{cached.name}.tmp-", dir=cached.parent))
+    try:
+        model.save_pretrained(tmp)
+        try:
+            tmp.rename(cached)
+        except OSError:
+            if not (cached / "config.json").is_file():
+                raise
+            log.info("another process kept the same 4-bit base first: %s", cached)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("kept the 4-bit base for later runs (%.1f GiB): %s; delete it to free the space", size / 2**30, cached)
+
+
+def room_short(cached: Path, size: float) -> str | None:
+    """Why the disk cannot keep a 4-bit base of `size` bytes in `cached` (1.2x its size must be free), or None.
+    Asked by rank 0 before saving, and by preflight before loading, when the cache folder may not exist yet."""
+    folder = cached.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free >= 1.2 * size:
+        return None
+    return f"{size / 2**30:.1f} GiB needed with room to spare, {free / 2**30:.1f} GiB free in {cached.parent}"
+
+
+def quantized_cache(path: str, cfg: ModelCfg, quant: QuantCfg, dtype: torch.dtype) -> Path | None:
     """Where the base quantized in CPU memory is kept, under a key of everything that decides its bytes: the base's
     weights (a local folder's file names, sizes and times; a Hub id's commit, once its config is in the Hub cache),
     the quantization settings, the dtype, and the transformers and bitsandbytes versions. None when the base cannot

@@ -111,7 +111,23 @@ def layout(cfg: RunCfg, base: str, rows: list[dict], dtype: torch.dtype) -> tupl
             log.warning("train.fsdp_loading: %d processes each quantize the whole 4-bit base in CPU memory "
                         "(%.1f GiB each), and %.1f GiB is available: loading may run out of memory", here,
                         est["cpu_loading_ram"], ram)
+        _warn_if_not_kept(cfg, base, dtype, est["cpu_loading_ram"] / 1.05, here)
     return setting, est
+
+
+def _warn_if_not_kept(cfg: RunCfg, base: str, dtype: torch.dtype, base_gib: float, here: int) -> None:
+    """Loading in CPU memory quantizes on the CPU (35 s for the 8B shape with 16 cores, minutes for 70B) unless
+    lorapipe's cache holds the result of an earlier run. When the disk cannot take a copy, every process of every run
+    quantizes, with a share of the cores: said before loading, with what to do."""
+    from lorapipe.models import quantized_cache, room_short
+
+    kept = quantized_cache(base, cfg.model, cfg.quant, dtype)
+    short = None if kept is None or (kept / "config.json").is_file() else room_short(kept, base_gib * 2**30)
+    if short:
+        log.warning("train.fsdp_loading: the 4-bit base cannot be kept for later runs (%s): %s, on every run. Free "
+                    "space there, or point LORAPIPE_CACHE at a disk with room", short,
+                    f"each of {here} processes quantizes it with 1/{here} of the cores" if here > 1
+                    else "it is quantized on the CPU")
 
 
 def _available_ram_gib() -> float | None:

@@ -509,8 +509,9 @@ def fsdp_loading(whole: float, other: float, shards: int, on_cpu: bool = False, 
     Quantized on the GPU (train.fsdp_loading gpu), every GPU holds the whole base and LoRA, then shards it; as each
     weight's shards exist its whole copy is freed (train.shard_without_copy), so over 2 or more GPUs the whole base
     just loaded is the peak. Measured on one H200 with the Llama-3-8B shape, LoRA r=16 on every linear layer: 5.52
-    GiB in each of two processes (this gives 5.74); TinyLlama-1.1B: 0.80 GiB (0.79). In one process, before the
-    embeddings were freed as well, 7.29 GiB (7.79: the second term, whole layers freed, embeddings kept).
+    GiB in each of two processes (this gives 5.74); TinyLlama-1.1B: 0.80 GiB (0.79); Llama-3-70B: 37.85 GiB (39.45).
+    In one process, before the embeddings were freed as well, 7.29 GiB (7.79: the second term, whole layers freed,
+    embeddings kept).
 
     Quantized in CPU memory (`on_cpu`), FSDP moves each group of weights to the GPU as it shards it, and
     train.shard_without_copy frees the whole copy once the shards exist: a GPU holds its share of the base and of
