@@ -3,6 +3,7 @@ and fails, with the right message, on deliberately broken ones."""
 
 import json
 
+import pytest
 from adapters import run_with_adapter, tiny_llama
 
 from lorapipe import data, verify
@@ -11,8 +12,34 @@ from lorapipe.cli import main
 FAST = {"verify.num_prompts": 6, "verify.max_tokens": 12, "verify.vllm": False, "verify.min_stop_share": 0.0}
 
 
-def test_healthy_run_passes(run_copy):
+def test_healthy_run_passes_holding_one_full_precision_model_at_a_time(run_copy, monkeypatch):
+    """A healthy run passes. The float32 reference is gone before the merged model loads (an 8B model is 32 GB in
+    float32: two at once would not fit a 48 GB card), freed as its last reference goes, and the merge in between
+    streams."""
+    import weakref
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    live, checked = [], []
+    real_load, real_from_pretrained = verify.load_model, AutoModelForCausalLM.from_pretrained.__func__
+
+    def load_model(base, cfg, quant, dtype):
+        model = real_load(base, cfg, quant, dtype)
+        if quant is None and dtype == torch.float32:
+            live.append(weakref.ref(model))
+        return model
+
+    def from_pretrained(cls, path, *args, **kwargs):
+        if str(path).endswith("merged"):
+            checked.append([ref() is None for ref in live])
+        return real_from_pretrained(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(verify, "load_model", load_model)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(from_pretrained))
+    monkeypatch.setattr("lorapipe.merge.load_model", lambda *a, **k: pytest.fail("the merge loaded the whole base"))
     r = verify.run(run_copy, FAST)
+    assert checked == [[True]], checked
     assert r.passed, r.summary
     paths = r.report["paths"]
     assert paths["merged"]["agreement"] == 1.0 and paths["merged"]["exact"] == 1.0
@@ -94,3 +121,14 @@ def test_report_names_dtype_reference_and_gate(run_copy):
     assert merged["passed"] and merged["greedy_agreement"] == 1.0
     assert "peft_half" not in r.report["paths"]  # only with the vLLM paths, at a half serving dtype
     assert "  merged       float32       100.0%  >=99.0%" in r.summary
+
+
+def test_a_base_too_large_for_one_float32_copy_is_refused_before_loading(run_copy, monkeypatch, capsys):
+    """verify's reference holds the base in float32 on one device (a 70B base: 280 GB). Where it cannot fit, verify
+    says how much it needs and what to do, before any model loads; the CLI exits 2 (bad input, not a FAIL)."""
+    monkeypatch.setattr("lorapipe.preflight._available_ram_gib", lambda: 1e-6)  # this test machine has no GPU
+    monkeypatch.setattr(verify, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(verify.UserError, match=r"needs about .* GiB and CPU memory has 0.0 GiB free.*lorapipe eval"):
+        verify.run(run_copy, FAST)
+    assert main(["verify", str(run_copy)] + [f"--{k}={v}" for k, v in FAST.items()]) == 2
+    assert "float32" in capsys.readouterr().err

@@ -27,7 +27,8 @@ import torch
 from lorapipe import cards, gate, serve, tracking
 from lorapipe import data as data_mod
 from lorapipe.config import RunCfg
-from lorapipe.models import load_model, resolve_model
+from lorapipe.errors import UserError
+from lorapipe.models import _hub_error, load_model, resolve_model
 from lorapipe.runs import load_run, write_json, write_text
 
 GATED = ("merged", "vllm_lora", "vllm_merged")
@@ -171,14 +172,45 @@ def template_roundtrip(cfg: RunCfg, run_dir: Path, base: str, records: list[dict
 
 
 @torch.no_grad()
-def first_step_logit_diff(a, b, tok, prompts: list[str]) -> float:
-    worst = 0.0
-    for p in prompts:
-        ids = tok(p, return_tensors="pt")["input_ids"]
-        la = a(ids.to(a.device)).logits[0, -1].float().cpu()
-        lb = b(ids.to(b.device)).logits[0, -1].float().cpu()
-        worst = max(worst, (la - lb).abs().max().item())
-    return worst
+def last_logits(model, tok, prompts: list[str]) -> list[torch.Tensor]:
+    """Each prompt's next-token logits (float32, on the CPU): kept so that two models compared need not be loaded
+    at once."""
+    return [model(tok(p, return_tensors="pt")["input_ids"].to(model.device)).logits[0, -1].float().cpu()
+            for p in prompts]
+
+
+def check_room(base: str, cfg: RunCfg) -> None:
+    """The transformers paths hold one float32 copy of the base (plus LoRA) on one device: the GPU, or CPU memory
+    where there is none. Where that cannot fit (a 70B base is 280 GB in float32), say so before anything loads,
+    not as an out-of-memory error minutes in. The count comes from the config, built on the meta device."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lorapipe.preflight import _available_ram_gib
+
+    try:
+        config = AutoConfig.from_pretrained(base, revision=cfg.model.revision,
+                                            trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(base, exc) from exc
+    with torch.device("meta"):
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(
+            config, trust_remote_code=cfg.model.trust_remote_code).parameters())
+    need = params * 4 * 1.1 / 2**30  # + 10 %: LoRA, activations of 16 prompts, the allocator
+    if torch.cuda.is_available():
+        # what this process's allocator holds unused (a pipeline's training just before) is free to it too
+        spare = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+        free, where = (torch.cuda.mem_get_info()[0] + spare) / 2**30, "the GPU has"
+    else:
+        free, where = _available_ram_gib(), "CPU memory has"
+    if free is not None and need > free:
+        raise UserError(f"verify: its reference, the adapter over the base in float32 ({params / 1e9:.1f}B "
+                        f"parameters), needs about {need:.1f} GiB and {where} {free:.1f} GiB free. Run verify where "
+                        "one device holds that much (CPU memory counts on a machine without a GPU), or check the "
+                        "served model with `lorapipe compare` or `lorapipe eval`, which run through vLLM")
+
+
+def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a, b, strict=True))
 
 
 def _vllm_path(p: serve.Plan, texts: list[str], max_tokens: int, eos: set[int], forced: tuple,
@@ -219,6 +251,7 @@ def run(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> VerifyR
         failures += [f"adapter does not fit the base {base}: {pr}" for pr in problems]
         return _finish(run_dir, report, failures)
 
+    check_room(base, cfg)
     records = data_mod.load_records(cfg.data)[:32]
     rt = template_roundtrip(cfg, run_dir, base, records)
     report["template"] = rt
@@ -248,15 +281,18 @@ def run(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> VerifyR
     ref, ref_stop = hf_greedy(peft, tok, texts, v.max_tokens, eos)
     forced = (prompt_ids, ref, ref_stop, eos_id)
     outputs = {"peft": (ref, ref_stop, hf_forced(peft, *forced))}
+    peft_logits, device = last_logits(peft, tok, texts[:8]), peft.device
+    # one full-precision model in memory at a time (an 8B one is 32 GB in float32), the merge streamed in between
+    del peft
     dtypes = {"peft": "float32", "merged": "float32", "peft_4bit": f"nf4/{cfg.quant.quant_type}"}
     if not (run_dir / "merged" / "config.json").is_file():
         from lorapipe import merge
 
         merge.run(run_dir)
-    merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged", dtype=fp32).to(peft.device).eval()
-    report["max_abs_logit_diff_peft_vs_merged"] = first_step_logit_diff(peft, merged, tok, texts[:8])
+    merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged", dtype=fp32).to(device).eval()
+    report["max_abs_logit_diff_peft_vs_merged"] = max_abs_diff(peft_logits, last_logits(merged, tok, texts[:8]))
     outputs["merged"] = (*hf_greedy(merged, tok, texts, v.max_tokens, eos), hf_forced(merged, *forced))
-    del merged, peft
+    del merged
     others = [("peft_4bit", cfg.quant, fp32)] if cfg.quant.load_in_4bit else []
     if half is not None and v.vllm:
         others.insert(0, ("peft_half", None, half))
