@@ -129,3 +129,48 @@ def test_safetensors_written_a_tensor_at_a_time_read_back_as_given(tmp_path):
     assert back["hole"].dtype == torch.bfloat16 and back["hole"].shape == (5, 7) and not back["hole"].any()
     with pytest.raises(ValueError, match="given for"):
         write_safetensors(tmp_path / "b.safetensors", {"x": (torch.float32, (2,))}, lambda k: torch.zeros(3))
+
+
+def test_a_hub_base_streams_from_the_hub_cache_offline(run_copy, tiny_model, tmp_path, monkeypatch):
+    """A run trained on a Hub id merges from the Hub cache, where training's from_pretrained put the weights, with
+    no network (the tests run with HF_HUB_OFFLINE=1): only the files from_pretrained reads are asked for, so a second
+    copy of the weights in the repo (Mistral's consolidated.safetensors) is not fetched, nor its absence held against
+    the cached copy. A cache that lacks a listed shard falls back to PEFT's merge, which says what is missing."""
+    import json
+    import shutil
+    from fnmatch import fnmatch
+
+    import huggingface_hub
+    from huggingface_hub import constants
+    from safetensors.torch import load_file
+
+    from lorapipe.runs import load_run
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(tiny_model, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    cfg = (run_copy / "config.yaml").read_text().replace(str(tiny_model), "org/tiny")
+    (run_copy / "config.yaml").write_text(cfg)
+    asked = []
+    real = huggingface_hub.snapshot_download
+
+    def snapshot_download(*args, **kwargs):
+        asked.append(kwargs["allow_patterns"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr("lorapipe.merge.load_model", lambda *a, **k: pytest.fail("the whole base was loaded"))
+    r = merge.run(run_copy)
+    assert json.loads((r.merged_dir / "lorapipe_merge.json").read_text())["how"].startswith("streamed")
+    assert asked and not any(fnmatch("consolidated.safetensors", p) for p in asked[0])
+    weights = load_file(r.merged_dir / "model.safetensors")
+    assert set(weights) == set(load_file(snapshot / "model.safetensors"))
+
+    (snapshot / "model.safetensors").rename(snapshot / "model-00001-of-00002.safetensors")
+    (snapshot / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "x": "model-00001-of-00002.safetensors", "y": "model-00002-of-00002.safetensors"}}))
+    assert merge._streaming_plan("org/tiny", load_run(run_copy).model, run_copy / "adapter") is None

@@ -26,7 +26,7 @@ import torch
 
 from lorapipe import cards
 from lorapipe.errors import UserError
-from lorapipe.models import _hub_error, load_model, resolve_model
+from lorapipe.models import load_model, resolve_model
 from lorapipe.runs import SAFETENSORS_DTYPES, atomic_dir, load_run, write_safetensors
 
 log = logging.getLogger(__name__)
@@ -109,14 +109,20 @@ def _streaming_plan(base: str, model_cfg, adapter: Path) -> tuple[Path, list[str
     if not plain:
         return None
     folder = Path(base)
-    if not folder.is_dir():  # a Hub id: its files, from the Hub cache or downloaded, as from_pretrained would
+    if not folder.is_dir():  # a Hub id: the files from_pretrained reads, from the Hub cache (training put them
+        # there) or downloaded. Named, not "*.safetensors": some repos also hold a second copy of the weights in
+        # another layout (Mistral's consolidated.safetensors), and offline, a file in the Hub's listing that
+        # training never fetched would make the cached snapshot count as incomplete.
         from huggingface_hub import snapshot_download
 
         try:
-            folder = Path(snapshot_download(base, revision=model_cfg.revision,
-                                            allow_patterns=["*.json", "*.safetensors"]))
-        except Exception as exc:  # noqa: BLE001  (network, auth, a missing revision: all said the same way)
-            raise _hub_error(base, exc) from exc
+            folder = Path(snapshot_download(base, revision=model_cfg.revision, allow_patterns=[
+                "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                "model-*-of-*.safetensors"]))
+        except Exception as exc:  # noqa: BLE001  (network, auth, a missing revision: PEFT's load says which)
+            log.warning("merging in memory: the base's files could not be listed (%s: %s)", type(exc).__name__,
+                        str(exc)[:200])
+            return None
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -124,6 +130,8 @@ def _streaming_plan(base: str, model_cfg, adapter: Path) -> tuple[Path, list[str
         files = ["model.safetensors"]
     else:
         return None
+    if not all((folder / name).is_file() for name in files) or not (folder / "config.json").is_file():
+        return None  # an incomplete copy: from_pretrained fetches or names what is missing
     if "quantization_config" in json.loads((folder / "config.json").read_text()):
         return None  # a pre-quantized base: transformers dequantizes it on load
     shapes = {}
