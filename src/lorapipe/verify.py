@@ -16,6 +16,7 @@ Plus: the max-abs logit difference peft vs merged, a template round-trip (traine
 
 from __future__ import annotations
 
+import gc
 import gzip
 import json
 from dataclasses import dataclass, field
@@ -197,6 +198,7 @@ def check_room(base: str, cfg: RunCfg) -> None:
             config, trust_remote_code=cfg.model.trust_remote_code).parameters())
     need = params * 4 * 1.1 / 2**30  # + 10 %: LoRA, activations of 16 prompts, the allocator
     if torch.cuda.is_available():
+        gc.collect()  # a trainer just before (`lorapipe run`) leaves its model in reference cycles
         # what this process's allocator holds unused (a pipeline's training just before) is free to it too
         spare = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
         free, where = (torch.cuda.mem_get_info()[0] + spare) / 2**30, "the GPU has"
