@@ -126,7 +126,7 @@ def test_report_names_dtype_reference_and_gate(run_copy):
 def test_a_base_too_large_for_one_float32_copy_is_refused_before_loading(run_copy, monkeypatch, capsys):
     """verify's reference holds the base in float32 on one device (a 70B base: 280 GB). Where it cannot fit, verify
     says how much it needs and what to do, before any model loads; the CLI exits 2 (bad input, not a FAIL)."""
-    monkeypatch.setattr("lorapipe.preflight._available_ram_gib", lambda: 1e-6)  # this test machine has no GPU
+    monkeypatch.setattr("lorapipe.preflight.available_ram_gib", lambda: 1e-6)  # this test machine has no GPU
     monkeypatch.setattr(verify, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(verify.UserError, match=r"needs about .* GiB and CPU memory has 0.0 GiB free.*lorapipe eval"):
         verify.run(run_copy, FAST)

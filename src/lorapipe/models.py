@@ -122,7 +122,7 @@ def ensure_pad_token(tokenizer) -> str:
     return "pad token = EOS (no spare token in the vocabulary; TRL masks padding by position, so EOS is still trained)"
 
 
-def _hub_error(name: str, exc: Exception) -> UserError:
+def hub_error(name: str, exc: Exception) -> UserError:
     return UserError(f"model.name_or_path: could not load '{name}' ({type(exc).__name__}: {str(exc)[:300]}). "
                      "Check the id and your network or HF_TOKEN, or use a local folder.")
 
@@ -133,7 +133,7 @@ def load_tokenizer(path: str, cfg: ModelCfg):
     try:
         tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise _hub_error(path, exc) from exc
+        raise hub_error(path, exc) from exc
     log.info(ensure_pad_token(tok))
     return tok
 
@@ -168,7 +168,7 @@ def load_model(path: str, cfg: ModelCfg, quant: QuantCfg | None, dtype: torch.dt
     try:
         return AutoModelForCausalLM.from_pretrained(path, **_load_kwargs(cfg, quant, dtype, attn, device))
     except (OSError, ValueError) as exc:
-        raise _hub_error(path, exc) from exc
+        raise hub_error(path, exc) from exc
 
 
 def _load_kwargs(cfg: ModelCfg, quant: QuantCfg | None, dtype: torch.dtype, attn: str | None,
@@ -219,7 +219,7 @@ def _quantized_in_cpu_memory(path: str, cfg: ModelCfg, quant: QuantCfg, dtype: t
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **_load_kwargs(cfg, quant, dtype, attn, "cpu"))
     except (OSError, ValueError) as exc:
-        raise _hub_error(path, exc) from exc
+        raise hub_error(path, exc) from exc
     finally:
         torch.set_num_threads(threads)
     if cached is not None and first:

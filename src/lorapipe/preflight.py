@@ -106,7 +106,7 @@ def layout(cfg: RunCfg, base: str, rows: list[dict], dtype: torch.dtype) -> tupl
         est["gpu_free"] = round(free, 2)
     if setting.cpu_loading:
         here = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # this machine's processes, each its own copy
-        ram = _available_ram_gib()
+        ram = available_ram_gib()
         if ram is not None and est["cpu_loading_ram"] * here > 0.9 * ram:
             log.warning("train.fsdp_loading: %d processes each quantize the whole 4-bit base in CPU memory "
                         "(%.1f GiB each), and %.1f GiB is available: loading may run out of memory", here,
@@ -130,7 +130,7 @@ def _warn_if_not_kept(cfg: RunCfg, base: str, dtype: torch.dtype, base_gib: floa
                     else "it is quantized on the CPU")
 
 
-def _available_ram_gib() -> float | None:
+def available_ram_gib() -> float | None:
     try:
         with open("/proc/meminfo") as f:
             return next(int(x.split()[1]) for x in f if x.startswith("MemAvailable:")) / 2**20

@@ -29,7 +29,7 @@ from lorapipe import cards, gate, serve, tracking
 from lorapipe import data as data_mod
 from lorapipe.config import RunCfg
 from lorapipe.errors import UserError
-from lorapipe.models import _hub_error, load_model, resolve_model
+from lorapipe.models import hub_error, load_model, resolve_model
 from lorapipe.runs import load_run, write_json, write_text
 
 GATED = ("merged", "vllm_lora", "vllm_merged")
@@ -186,13 +186,13 @@ def check_room(base: str, cfg: RunCfg) -> None:
     not as an out-of-memory error minutes in. The count comes from the config, built on the meta device."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lorapipe.preflight import _available_ram_gib
+    from lorapipe.preflight import available_ram_gib
 
     try:
         config = AutoConfig.from_pretrained(base, revision=cfg.model.revision,
                                             trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise _hub_error(base, exc) from exc
+        raise hub_error(base, exc) from exc
     with torch.device("meta"):
         params = sum(p.numel() for p in AutoModelForCausalLM.from_config(
             config, trust_remote_code=cfg.model.trust_remote_code).parameters())
@@ -203,7 +203,7 @@ def check_room(base: str, cfg: RunCfg) -> None:
         spare = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
         free, where = (torch.cuda.mem_get_info()[0] + spare) / 2**30, "the GPU has"
     else:
-        free, where = _available_ram_gib(), "CPU memory has"
+        free, where = available_ram_gib(), "CPU memory has"
     if free is not None and need > free:
         raise UserError(f"verify: its reference, the adapter over the base in float32 ({params / 1e9:.1f}B "
                         f"parameters), needs about {need:.1f} GiB and {where} {free:.1f} GiB free. Run verify where "
