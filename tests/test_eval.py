@@ -86,6 +86,7 @@ def test_eval_stage_writes_report_with_plots(tiny_run, tmp_path, no_vllm, caplog
     for side in ("base", "finetuned"):
         assert {"pass@1", "pass@2", "format_adherence", "stopped_on_eos"} <= set(m["sets"]["heldout"][side])
     assert m["heldout_loss"]["base"]["perplexity"] > 1 and m["generator"].startswith("transformers")
+    assert m["heldout_loss_by"] == "transformers in float32"
     html = (r.out_dir / "report.html").read_text()
     images = re.findall(r'<img src="([^"]+)"', html)
     assert set(images) == {"metrics.png", "loss_curve.png"}

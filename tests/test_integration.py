@@ -109,6 +109,17 @@ def test_eval_through_vllm(smol_run):
     assert m["sets"]["heldout"]["tasks"] == 4
     assert 0.0 <= m["sets"]["heldout"]["finetuned"]["pass@1"] <= 1.0 and "pass@2" in m["sets"]["heldout"]["base"]
     assert (r.out_dir / "report.html").is_file() and (r.out_dir / "metrics.png").is_file()
+    # the held-out loss came from the same engine (no float32 copy loaded after it): transformers' float32 loss of
+    # the same ids, within what the serving dtype rounds
+    from lorapipe.evaluate import stage
+    from lorapipe.runs import load_run
+
+    assert m["heldout_loss_by"].startswith("vLLM at "), m["heldout_loss_by"]
+    ref = stage.heldout_loss(smol_run, load_run(smol_run, {"eval.heldout_limit": 4}))
+    tol = 1e-3 if "float32" in m["heldout_loss_by"] else 0.03
+    for side in ("base", "finetuned"):
+        assert abs(m["heldout_loss"][side]["loss"] - ref[side]["loss"]) <= tol * ref[side]["loss"], (side, m, ref)
+    assert m["heldout_loss"]["base"]["loss"] != m["heldout_loss"]["finetuned"]["loss"]  # the LoRA request counted
     card = (smol_run / "adapter" / "README.md").read_text()
     f = m["sets"]["heldout"]["finetuned"]["pass@1"]
     assert "- eval `heldout` (4 tasks, executed in a sandbox): pass@1 " in card and f"-> {f:.3f} (fine-tuned)" in card

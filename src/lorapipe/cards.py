@@ -117,7 +117,7 @@ def _body(run_dir: Path, cfg: RunCfg, name: str, merged: bool, repo: str | None)
         hl = ev.get("heldout_loss")
         if hl:
             lines.append(f"- held-out loss: {hl['base']['loss']:.3f} (base) -> {hl['finetuned']['loss']:.3f} "
-                         "(fine-tuned)")
+                         f"(fine-tuned; {ev.get('heldout_loss_by') or 'transformers in float32'})")
     else:
         lines.append("- eval: not run (`lorapipe eval` adds executed pass@1 here)")
     if ver:

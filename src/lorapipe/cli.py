@@ -183,7 +183,7 @@ def cmd_eval(ns: argparse.Namespace) -> None:
             f"{k} {s['base'][k]:.3f} -> {s['finetuned'][k]:.3f}" for k in keys))
     if "heldout_loss" in m:
         hl = m["heldout_loss"]
-        print(f"held-out loss: {hl['base']['loss']:.3f} -> {hl['finetuned']['loss']:.3f}")
+        print(f"held-out loss: {hl['base']['loss']:.3f} -> {hl['finetuned']['loss']:.3f} ({m.get('heldout_loss_by')})")
     print(f"report: {r.out_dir}/report.html (metrics.json, metrics.png, loss_curve.png)")
 
 

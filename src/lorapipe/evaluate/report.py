@@ -83,7 +83,8 @@ def write_html(out_dir: Path, metrics: dict[str, Any], rows: dict[str, list], ha
     if loss:
         parts.append(f"<p>held-out loss (reference solutions): base {loss['base']['loss']:.3f} "
                      f"(ppl {loss['base']['perplexity']:.2f}), fine-tuned {loss['finetuned']['loss']:.3f} "
-                     f"(ppl {loss['finetuned']['perplexity']:.2f})</p>")
+                     f"(ppl {loss['finetuned']['perplexity']:.2f}); computed by "
+                     f"{html.escape(metrics.get('heldout_loss_by') or 'transformers in float32')}</p>")
     head = "<table><tr><th>set</th><th>metric</th><th>base</th><th>fine-tuned</th></tr>"
     body = []
     for set_name, m in metrics["sets"].items():

