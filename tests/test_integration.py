@@ -88,6 +88,30 @@ def test_verify_every_path_agrees(smol_run):
     assert serve.route([smol_run], {"serve.path": "lora"}).adapters
 
 
+def test_verify_without_room_for_a_float32_copy_checks_the_served_paths(smol_run, tmp_path, monkeypatch):
+    """Where no float32 copy of the base fits (a 70B base: 280 GB), verify does not refuse (which stopped `lorapipe
+    run` before eval and serve): vLLM on the merged model is held to vLLM serving the adapter, and no transformers
+    model loads. On a copy of the run, so that the other tests keep the full verdict."""
+    import shutil
+
+    from lorapipe import verify
+
+    run = shutil.copytree(smol_run, tmp_path / "smol")
+    monkeypatch.setattr(verify, "room_short", lambda base, cfg: "the base needs about 280 GiB and the GPU has 79")
+    monkeypatch.setattr(verify, "load_model", lambda *a, **k: pytest.fail("a transformers model was loaded"))
+    r = verify.run(run, {"verify.num_prompts": 8, "verify.max_tokens": 32, "verify.min_stop_share": 0.0})
+    assert r.passed, r.summary
+    paths, dtype = r.report["paths"], r.report["serving_dtype"]
+    assert set(paths) == {"vllm_lora", "vllm_merged"} and r.report["reference"] == "vllm_lora"
+    assert paths["vllm_lora"]["agreement"] >= 0.95  # its own greedy tokens, teacher-forced
+    merged = paths["vllm_merged"]
+    assert merged["reference"] == f"vllm_lora ({dtype})" and merged["passed"]
+    # the floor is what rounding alone costs: the reference against its own tokens, as peft_half is in the full check
+    assert merged["gate"] == pytest.approx(min(0.99, paths["vllm_lora"]["agreement"] - 0.01)), merged
+    assert "no float32 copy of the base fits (the base needs about 280 GiB" in r.summary
+    assert "the adapter as vLLM serves it" in (run / "adapter" / "README.md").read_text()
+
+
 def test_compare_through_vllm(smol_run):
     from lorapipe import evaluate
 

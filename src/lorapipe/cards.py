@@ -122,10 +122,13 @@ def _body(run_dir: Path, cfg: RunCfg, name: str, merged: bool, repo: str | None)
         lines.append("- eval: not run (`lorapipe eval` adds executed pass@1 here)")
     if ver:
         paths = ver.get("paths") or {}
-        show = ["merged", "vllm_merged"] if merged else ["merged", "vllm_lora"]
+        show = (["merged", "vllm_merged"] if merged else ["merged", "vllm_lora"]) if ver.get("reference", "peft") \
+            == "peft" else ["vllm_merged"]
         agree = ", ".join(f"{k} {_pct(paths[k].get('agreement'))}" for k in show if k in paths)
-        lines.append(f"- verify: {'PASS' if ver.get('passed') else 'FAIL'} — greedy-token agreement with the PEFT "
-                     f"adapter on the float32 base: {agree or '–'}")
+        ref = ("the PEFT adapter on the float32 base" if ver.get("reference", "peft") == "peft"
+               else "the adapter as vLLM serves it (no float32 copy of the base fit)")
+        lines.append(f"- verify: {'PASS' if ver.get('passed') else 'FAIL'} — greedy-token agreement with {ref}: "
+                     f"{agree or '–'}")
     else:
         lines.append("- verify: not run (`lorapipe verify` checks that what is served is what was trained)")
     placeholder = repo is None
