@@ -375,8 +375,8 @@ def _served_only(run_dir: Path, cfg: RunCfg, overrides: dict[str, Any] | None, r
     The reference's agreement with its own greedy tokens, teacher-forced, is what rounding alone costs at that dtype
     (prefill and decode round differently; SmolLM2 in bf16: 98.5 %), so it is the floor that peft_half is in the
     full check: vllm_merged passes at min_agreement or within half_slack of it."""
-    log.warning("verify: %s; checking the served paths against each other instead (the "
-                                        "reference: the adapter as vLLM serves it)", short)
+    log.warning("verify: %s; checking the served paths against each other instead (the reference: the adapter as "
+                "vLLM serves it)", short)
     report["reference"] = "vllm_lora"
     report["no_float32_reference"] = short
     v, vlog, dtype = cfg.verify, run_dir / "logs" / "verify.log", report["serving_dtype"]
@@ -423,7 +423,7 @@ def _summary(report: dict[str, Any], failures: list[str]) -> str:
                      f"{t['eos_is_a_server_stop']}")
     for smp in report.get("samples", [])[:1]:
         lines.append(f"sample: {smp['instruction']}")
-        for name in ("peft", "peft_4bit", "vllm_lora", "vllm_merged"):
+        for name in ("peft", "peft_4bit") if report.get("reference", "peft") == "peft" else ("vllm_lora", "vllm_merged"):
             if name in smp:
                 lines.append(f"  {name:<10} {smp[name][:100]!r}")
     lines += [f"FAIL: {f}" for f in failures]
