@@ -34,6 +34,27 @@ def test_merge_refuses_to_overwrite_and_needs_a_run(tiny_run, tmp_path):
         merge.run(tmp_path)
 
 
+def test_a_disk_too_small_for_the_merged_model_is_refused_before_writing(run_copy, monkeypatch, capsys):
+    """A 70B merge writes 280 GB in float32: where the run's disk cannot take it, merge says how much it needs and
+    that --dtype auto halves it, before writing anything (not when the disk fills minutes in); the CLI exits 2."""
+    import shutil
+    from collections import namedtuple
+
+    from lorapipe.cli import main
+
+    shutil.rmtree(run_copy / "merged", ignore_errors=True)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("lorapipe.merge.shutil.disk_usage", lambda path: usage(10**12, 10**12 - 1000, 1000))
+    with pytest.raises(UserError, match=r"merge: the merged model in float32 \(0\.\dM parameters\) needs about "
+                                        r"0\.0 GiB and .* has 0\.0 GiB free\. Free space there$"):
+        merge.run(run_copy)  # the tiny base is float32 itself: nothing smaller to suggest
+    assert main(["merge", str(run_copy)]) == 2 and "GiB free" in capsys.readouterr().err
+    assert not (run_copy / "merged").exists() and not list(run_copy.glob(".merged.tmp-*"))
+    with pytest.raises(UserError, match=r"\(70\.0B parameters\) needs about 263\.4 GiB .* or pass --dtype auto "
+                                        r"\(the base's bfloat16: about 131\.7 GiB"):
+        merge._check_disk(run_copy, 70 * 10**9, torch.float32, torch.bfloat16)
+
+
 def test_merge_streams_the_base_shard_by_shard_to_what_peft_merges(run_copy, tiny_model, tmp_path, monkeypatch):
     """The merge reads the base one safetensors shard at a time (never the whole model: an 8B base is 32 GB in
     float32, 70B 280 GB), and writes what PEFT's merge_and_unload gives, tensor for tensor: for a sharded base, in

@@ -26,7 +26,7 @@ import torch
 
 from lorapipe import cards
 from lorapipe.errors import UserError
-from lorapipe.models import load_model, resolve_model
+from lorapipe.models import load_model, param_count, resolve_model
 from lorapipe.runs import SAFETENSORS_DTYPES, atomic_dir, load_run, write_safetensors
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ def run(run_dir: str | Path, dtype: str = "float32", overwrite: bool = False) ->
     base = resolve_model(cfg.model)
     save_dtype = _checkpoint_dtype(base) if dtype == "auto" else getattr(torch, dtype)
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "adapter")
+    _check_disk(run_dir, param_count(base, cfg.model), save_dtype, _checkpoint_dtype(base))
     plan = _streaming_plan(base, cfg.model, run_dir / "adapter")
     with atomic_dir(target, overwrite=overwrite) as tmp:
         if plan is not None:
@@ -77,6 +78,25 @@ def run(run_dir: str | Path, dtype: str = "float32", overwrite: bool = False) ->
     cards.write(run_dir)  # merged/README.md, and the adapter's card names the merge
     log.info("merged %s into %s (%s, %.1fM params; %s)", run_dir / "adapter", target, save_dtype, n / 1e6, how)
     return MergeResult(target, str(save_dtype).replace("torch.", ""), n)
+
+
+def _check_disk(run_dir: Path, params: int, save_dtype: torch.dtype, base_dtype: torch.dtype) -> None:
+    """Refuse before writing when the run's disk cannot take the merged model (a 70B base is 280 GB in float32):
+    found out now, not when the disk fills minutes in. The old merged/ stays until the new one is complete, so its
+    space does not count as free."""
+    need = params * torch.finfo(save_dtype).bits / 8 * 1.01  # + the tokenizer and the files' headers
+    free = shutil.disk_usage(run_dir).free
+    if need <= free:
+        return
+    hint = ""
+    if torch.finfo(base_dtype).bits < torch.finfo(save_dtype).bits:
+        smaller = need * torch.finfo(base_dtype).bits / torch.finfo(save_dtype).bits
+        hint = (f", or pass --dtype auto (the base's {str(base_dtype).removeprefix('torch.')}: about {smaller / 2**30:.1f} GiB; less "
+                "faithful to the adapter, see the README's Verify)")
+    size = f"{params / 1e9:.1f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
+    raise UserError(f"merge: the merged model in {str(save_dtype).removeprefix('torch.')} ({size} parameters) needs "
+                    f"about {need / 2**30:.1f} GiB and {run_dir} has {free / 2**30:.1f} GiB free. Free space "
+                    f"there{hint}")
 
 
 def _merge_in_memory(base: str, cfg, adapter: Path, save_dtype: torch.dtype, out: Path) -> int:

@@ -36,7 +36,7 @@ from lorapipe import cards, gate, serve, tracking
 from lorapipe import data as data_mod
 from lorapipe.config import RunCfg
 from lorapipe.errors import UserError
-from lorapipe.models import hub_error, load_model, resolve_model
+from lorapipe.models import load_model, param_count, resolve_model
 from lorapipe.runs import load_run, write_json, write_text
 
 GATED = ("merged", "vllm_lora", "vllm_merged")
@@ -193,18 +193,9 @@ def room_short(base: str, cfg: RunCfg) -> str | None:
     CPU memory where there is none), cannot fit, or None. Asked before anything loads, so that a 70B base (280 GB in
     float32) is found out now, not as an out-of-memory error minutes in. The count comes from the config, built on
     the meta device."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from lorapipe.preflight import available_ram_gib
 
-    try:
-        config = AutoConfig.from_pretrained(base, revision=cfg.model.revision,
-                                            trust_remote_code=cfg.model.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise hub_error(base, exc) from exc
-    with torch.device("meta"):
-        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(
-            config, trust_remote_code=cfg.model.trust_remote_code).parameters())
+    params = param_count(base, cfg.model)
     need = params * 4 * 1.1 / 2**30  # + 10 %: LoRA, activations of 16 prompts, the allocator
     if torch.cuda.is_available():
         gc.collect()  # a trainer just before (`lorapipe run`) leaves its model in reference cycles
