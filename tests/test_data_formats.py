@@ -218,3 +218,20 @@ def test_preflight_report_and_refusals(tiny_cfg, chat_model, tmp_path):
     assert (rt["chat_equal"], rt["completion_equal"], rt["eos_is_a_server_stop"]) == (1.0, 1.0, True)
     assert data.prompts_for([{"instruction": "hi", "input": ""}], rcfg.data, r2.run_dir / "adapter") == [
         "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"]
+
+
+def test_preflight_warns_when_the_disk_cannot_take_the_merge(tiny_cfg, monkeypatch, caplog):
+    """Merging after training writes the base in float32 (280 GB for 70B): where the output disk cannot take it,
+    preflight says so before training, not hours later."""
+    import logging
+    from collections import namedtuple
+
+    cfg = tiny_cfg()
+    with caplog.at_level(logging.WARNING, logger="lorapipe.preflight"):
+        preflight.prepare(cfg)
+    assert "after training" not in caplog.text  # this disk has room for the tiny model
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("lorapipe.merge.shutil.disk_usage", lambda path: usage(10**12, 10**12 - 1000, 1000))
+    with caplog.at_level(logging.WARNING, logger="lorapipe.preflight"):
+        preflight.prepare(cfg)
+    assert "after training, the merged model in float32" in caplog.text and "GiB free" in caplog.text

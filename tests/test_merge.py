@@ -52,7 +52,7 @@ def test_a_disk_too_small_for_the_merged_model_is_refused_before_writing(run_cop
     assert not (run_copy / "merged").exists() and not list(run_copy.glob(".merged.tmp-*"))
     with pytest.raises(UserError, match=r"\(70\.0B parameters\) needs about 263\.4 GiB .* or pass --dtype auto "
                                         r"\(the base's bfloat16: about 131\.7 GiB"):
-        merge._check_disk(run_copy, 70 * 10**9, torch.float32, torch.bfloat16)
+        merge.check_disk(run_copy, 70 * 10**9, torch.float32, torch.bfloat16)
 
 
 def test_merge_streams_the_base_shard_by_shard_to_what_peft_merges(run_copy, tiny_model, tmp_path, monkeypatch):

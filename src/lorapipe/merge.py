@@ -39,7 +39,7 @@ class MergeResult:
     params: int
 
 
-def _checkpoint_dtype(base: str) -> torch.dtype:
+def checkpoint_dtype(base: str) -> torch.dtype:
     """The dtype the base was published in (config.json), defaulting to bfloat16."""
     from transformers import AutoConfig
 
@@ -60,9 +60,9 @@ def run(run_dir: str | Path, dtype: str = "float32", overwrite: bool = False) ->
     if target.exists() and not overwrite:
         raise UserError(f"{target}: already exists; pass --overwrite to merge again")
     base = resolve_model(cfg.model)
-    save_dtype = _checkpoint_dtype(base) if dtype == "auto" else getattr(torch, dtype)
+    save_dtype = checkpoint_dtype(base) if dtype == "auto" else getattr(torch, dtype)
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "adapter")
-    _check_disk(run_dir, param_count(base, cfg.model), save_dtype, _checkpoint_dtype(base))
+    check_disk(run_dir, param_count(base, cfg.model), save_dtype, checkpoint_dtype(base))
     plan = _streaming_plan(base, cfg.model, run_dir / "adapter")
     with atomic_dir(target, overwrite=overwrite) as tmp:
         if plan is not None:
@@ -80,7 +80,7 @@ def run(run_dir: str | Path, dtype: str = "float32", overwrite: bool = False) ->
     return MergeResult(target, str(save_dtype).replace("torch.", ""), n)
 
 
-def _check_disk(run_dir: Path, params: int, save_dtype: torch.dtype, base_dtype: torch.dtype) -> None:
+def check_disk(run_dir: Path, params: int, save_dtype: torch.dtype, base_dtype: torch.dtype) -> None:
     """Refuse before writing when the run's disk cannot take the merged model (a 70B base is 280 GB in float32):
     found out now, not when the disk fills minutes in. The old merged/ stays until the new one is complete, so its
     space does not count as free."""

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -130,6 +131,27 @@ def _warn_if_not_kept(cfg: RunCfg, base: str, dtype: torch.dtype, base_gib: floa
                     else "it is quantized on the CPU")
 
 
+def _warn_if_merge_short(cfg: RunCfg, base: str) -> None:
+    """After training, merge writes the merged model into the run directory, in float32 by default: 280 GB for a 70B
+    base. Where that disk cannot take it, said now, not hours of training later (merge itself refuses then, too)."""
+    from lorapipe import merge
+    from lorapipe.models import param_count
+
+    folder = Path(cfg.output_dir)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        params, base_dtype = param_count(base, cfg.model), merge.checkpoint_dtype(base)
+    except Exception as exc:  # noqa: BLE001  (a config transformers cannot build on the meta device: not ours to fail)
+        log.debug("merge's disk need not estimated: %s", exc)
+        return
+    try:
+        merge.check_disk(folder, params, torch.float32, base_dtype)
+    except UserError as exc:
+        log.warning("after training, %s (`lorapipe merge`, and the stage after training in `lorapipe run`)",
+                    str(exc).removeprefix("merge: "))
+
+
 def available_ram_gib() -> float | None:
     try:
         with open("/proc/meminfo") as f:
@@ -223,6 +245,7 @@ def prepare(cfg: RunCfg) -> Prepared:
                         f"data.max_length={cfg.data.max_length} (allowed: data.max_response_lost_share="
                         f"{cfg.data.max_response_lost_share}); raise data.max_length or shorten the prompts")
     report["problems"] = problems
+    _warn_if_merge_short(cfg, base)
     return Prepared(base, dtype, tokenizer, loaded.format, [rows[i] for i in keep], val_rows, setting, estimate,
                     report)
 
