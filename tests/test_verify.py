@@ -2,6 +2,7 @@
 and fails, with the right message, on deliberately broken ones."""
 
 import json
+import sys
 
 import pytest
 from adapters import run_with_adapter, tiny_llama
@@ -128,7 +129,12 @@ def test_a_base_too_large_for_one_float32_copy_is_refused_before_loading(run_cop
     says how much it needs and what to do, before any model loads; the CLI exits 2 (bad input, not a FAIL)."""
     monkeypatch.setattr("lorapipe.preflight.available_ram_gib", lambda: 1e-6)  # this test machine has no GPU
     monkeypatch.setattr(verify, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
-    with pytest.raises(verify.UserError, match=r"needs about .* GiB and CPU memory has 0.0 GiB free.*lorapipe eval"):
+    with pytest.raises(verify.UserError, match=r"needs about .* GiB and CPU memory has 0.0 GiB free.*--verify.vllm "
+                                               r"true\), which then check the served model against itself"):
         verify.run(run_copy, FAST)
     assert main(["verify", str(run_copy)] + [f"--{k}={v}" for k, v in FAST.items()]) == 2
     assert "float32" in capsys.readouterr().err
+    # vLLM's paths asked for but vLLM missing: said up front too, not after the template checks
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    with pytest.raises(verify.UserError, match=r"GiB free.*with vLLM installed \(`pip install vllm`\)"):
+        verify.run(run_copy, {**FAST, "verify.vllm": True})

@@ -438,6 +438,16 @@ def engine(p: Plan, log_path: Path | None = None) -> Iterator[Any]:
             release()
 
 
+def has_vllm() -> bool:
+    """vLLM is importable; not imported here, because its import-time lines belong in the stage's log."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("vllm") is not None
+    except ValueError:  # None in sys.modules: hidden on purpose (tests)
+        return False
+
+
 def lora_request(p: Plan, adapter: Adapter):
     from vllm.lora.request import LoRARequest
 

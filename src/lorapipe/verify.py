@@ -257,10 +257,12 @@ def run(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> VerifyR
         return _finish(run_dir, report, failures)
 
     short = room_short(base, cfg)
-    if short and not v.vllm:
+    if short and not (v.vllm and serve.has_vllm()):
+        instead = ("with its vLLM paths on (--verify.vllm true), which then check the served model against itself"
+                   if not v.vllm else "with vLLM installed (`pip install vllm`), whose paths then check the served "
+                   "model against itself")
         raise UserError(f"verify: {short}. Run verify where one device holds that much (CPU memory counts on a "
-                        "machine without a GPU), or with its vLLM paths on (--verify.vllm true), which then check the "
-                        "served model against itself; `lorapipe compare` and `lorapipe eval` run through vLLM too")
+                        f"machine without a GPU), or {instead}")
     records = data_mod.load_records(cfg.data)[:32]
     rt = template_roundtrip(cfg, run_dir, base, records)
     report["template"] = rt

@@ -15,7 +15,6 @@ remains the path when vLLM is not installed.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
 import math
@@ -60,14 +59,6 @@ def task_sets(cfg: RunCfg) -> dict[str, list[tasks.Task]]:
     if e.samples and e.samples < e.k:
         raise UserError(f"eval.samples: {e.samples} samples cannot estimate pass@{e.k}; use samples >= k or 0")
     return sets
-
-
-def _has_vllm() -> bool:
-    """vLLM is importable; not imported here, because its import-time lines belong in the stage's log."""
-    try:
-        return importlib.util.find_spec("vllm") is not None
-    except ValueError:  # None in sys.modules: hidden on purpose (tests)
-        return False
 
 
 def _generate_vllm(p: serve.Plan, prompts: list[str], cfg: RunCfg, log_path: Path,
@@ -235,7 +226,7 @@ def run(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> EvalRes
                                    run_dir / "adapter")
     t0 = time.perf_counter()
     loss, loss_by = None, None
-    if _has_vllm():
+    if serve.has_vllm():
         generator = "vLLM (adapter as a LoRA request)"
         items = heldout_items(run_dir, cfg) if cfg.eval.heldout else []
         gen, loss = _generate_vllm(p, prompts, cfg, run_dir / "logs" / "eval.log", items)
