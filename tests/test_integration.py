@@ -97,7 +97,7 @@ def test_verify_without_room_for_a_float32_copy_checks_the_served_paths(smol_run
     from lorapipe import verify
 
     run = shutil.copytree(smol_run, tmp_path / "smol")
-    monkeypatch.setattr(verify, "room_short", lambda base, cfg: "the base needs about 280 GiB and the GPU has 79")
+    monkeypatch.setattr(verify, "float32_short", lambda base, cfg: "the base needs about 280 GiB and the GPU has 79")
     monkeypatch.setattr(verify, "load_model", lambda *a, **k: pytest.fail("a transformers model was loaded"))
     r = verify.run(run, {"verify.num_prompts": 8, "verify.max_tokens": 32, "verify.min_stop_share": 0.0})
     assert r.passed, r.summary

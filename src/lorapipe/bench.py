@@ -77,21 +77,27 @@ SPARSE = {"llama3-70b"}  # its bf16 weights (141 GB) would not fit most disks, n
 def _random_model_dir(shape: str, out: Path) -> Path:
     """A randomly initialised Llama of the named shape, saved in bf16 so that bitsandbytes can quantize on load."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     if shape in SPARSE:
         return _sparse_model_dir(SHAPES[shape], out)
-    h, inter, layers, heads, kv, vocab = SHAPES[shape]
-    cfg = LlamaConfig(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
-                      num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=4096,
-                      tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+        model = LlamaForCausalLM(_llama_config(SHAPES[shape])).to(torch.bfloat16)
     model.save_pretrained(out)
     del model
-    _word_tokenizer(vocab).save_pretrained(out)  # TRL wants a tokenizer (pad/eos) even for token-id data
+    _word_tokenizer(SHAPES[shape][5]).save_pretrained(out)  # TRL wants a tokenizer (pad/eos) even for token-id data
     return out
+
+
+def _llama_config(dims: tuple[int, ...], **extra):
+    """The Llama config of a bench shape (hidden, intermediate, layers, heads, kv_heads, vocab)."""
+    from transformers import LlamaConfig
+
+    h, inter, layers, heads, kv, vocab = dims
+    return LlamaConfig(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                       num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=4096,
+                       tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
 
 
 def _sparse_model_dir(dims: tuple[int, ...], out: Path) -> Path:
@@ -102,7 +108,6 @@ def _sparse_model_dir(dims: tuple[int, ...], out: Path) -> Path:
     measure memory and speed. The loss is not a real model's: each MLP adds nothing to the residual, and LoRA on
     MLP layers gets no gradient (on q/k/v/o, the default targets, it trains)."""
     import torch
-    from transformers import LlamaConfig
 
     h, inter, layers, heads, kv, vocab = dims
     out.mkdir(parents=True, exist_ok=True)
@@ -134,9 +139,7 @@ def _sparse_model_dir(dims: tuple[int, ...], out: Path) -> Path:
             p + "mlp.down_proj.weight": ((h, inter), None),
             p + "input_layernorm.weight": ((h,), ones), p + "post_attention_layernorm.weight": ((h,), ones)})
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
-    LlamaConfig(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
-                num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=4096, tie_word_embeddings=False,
-                pad_token_id=0, bos_token_id=1, eos_token_id=2, dtype="bfloat16").save_pretrained(out)
+    _llama_config(dims, dtype="bfloat16").save_pretrained(out)
     _word_tokenizer(vocab).save_pretrained(out)
     return out
 

@@ -122,11 +122,11 @@ def _body(run_dir: Path, cfg: RunCfg, name: str, merged: bool, repo: str | None)
         lines.append("- eval: not run (`lorapipe eval` adds executed pass@1 here)")
     if ver:
         paths = ver.get("paths") or {}
-        show = (["merged", "vllm_merged"] if merged else ["merged", "vllm_lora"]) if ver.get("reference", "peft") \
-            == "peft" else ["vllm_merged"]
+        if ver.get("reference", "peft") == "peft":  # verify.json of before the served-only check: no key
+            show, ref = ["merged", "vllm_merged" if merged else "vllm_lora"], "the PEFT adapter on the float32 base"
+        else:
+            show, ref = ["vllm_merged"], "the adapter as vLLM serves it (no float32 copy of the base fit)"
         agree = ", ".join(f"{k} {_pct(paths[k].get('agreement'))}" for k in show if k in paths)
-        ref = ("the PEFT adapter on the float32 base" if ver.get("reference", "peft") == "peft"
-               else "the adapter as vLLM serves it (no float32 copy of the base fit)")
         lines.append(f"- verify: {'PASS' if ver.get('passed') else 'FAIL'} — greedy-token agreement with {ref}: "
                      f"{agree or '–'}")
     else:

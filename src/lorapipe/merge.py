@@ -27,7 +27,7 @@ import torch
 from lorapipe import cards
 from lorapipe.errors import UserError
 from lorapipe.models import load_model, param_count, resolve_model
-from lorapipe.runs import SAFETENSORS_DTYPES, atomic_dir, load_run, write_safetensors
+from lorapipe.runs import SAFETENSORS_DTYPES, atomic_dir, load_run, nearest_existing, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +60,10 @@ def run(run_dir: str | Path, dtype: str = "float32", overwrite: bool = False) ->
     if target.exists() and not overwrite:
         raise UserError(f"{target}: already exists; pass --overwrite to merge again")
     base = resolve_model(cfg.model)
-    save_dtype = checkpoint_dtype(base) if dtype == "auto" else getattr(torch, dtype)
+    base_dtype = checkpoint_dtype(base)
+    save_dtype = base_dtype if dtype == "auto" else getattr(torch, dtype)
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "adapter")
-    check_disk(run_dir, param_count(base, cfg.model), save_dtype, checkpoint_dtype(base))
+    check_disk(run_dir, param_count(base, cfg.model), save_dtype, base_dtype)
     plan = _streaming_plan(base, cfg.model, run_dir / "adapter")
     with atomic_dir(target, overwrite=overwrite) as tmp:
         if plan is not None:
@@ -83,20 +84,21 @@ def run(run_dir: str | Path, dtype: str = "float32", overwrite: bool = False) ->
 def check_disk(run_dir: Path, params: int, save_dtype: torch.dtype, base_dtype: torch.dtype) -> None:
     """Refuse before writing when the run's disk cannot take the merged model (a 70B base is 280 GB in float32):
     found out now, not when the disk fills minutes in. The old merged/ stays until the new one is complete, so its
-    space does not count as free."""
+    space does not count as free. `run_dir` need not exist yet (preflight asks before training)."""
     need = params * torch.finfo(save_dtype).bits / 8 * 1.01  # + the tokenizer and the files' headers
-    free = shutil.disk_usage(run_dir).free
+    folder = nearest_existing(run_dir)
+    free = shutil.disk_usage(folder).free
     if need <= free:
         return
+    name = {d: str(d).removeprefix("torch.") for d in (save_dtype, base_dtype)}
     hint = ""
     if torch.finfo(base_dtype).bits < torch.finfo(save_dtype).bits:
         smaller = need * torch.finfo(base_dtype).bits / torch.finfo(save_dtype).bits
-        hint = (f", or pass --dtype auto (the base's {str(base_dtype).removeprefix('torch.')}: about {smaller / 2**30:.1f} GiB; less "
+        hint = (f", or pass --dtype auto (the base's {name[base_dtype]}: about {smaller / 2**30:.1f} GiB; less "
                 "faithful to the adapter, see the README's Verify)")
     size = f"{params / 1e9:.1f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
-    raise UserError(f"merge: the merged model in {str(save_dtype).removeprefix('torch.')} ({size} parameters) needs "
-                    f"about {need / 2**30:.1f} GiB and {run_dir} has {free / 2**30:.1f} GiB free. Free space "
-                    f"there{hint}")
+    raise UserError(f"merge: the merged model in {name[save_dtype]} ({size} parameters) needs about "
+                    f"{need / 2**30:.1f} GiB and {folder} has {free / 2**30:.1f} GiB free. Free space there{hint}")
 
 
 def _merge_in_memory(base: str, cfg, adapter: Path, save_dtype: torch.dtype, out: Path) -> int:

@@ -21,7 +21,7 @@ import torch
 from lorapipe import console
 from lorapipe.config import EMBEDDED_MODEL, ModelCfg, QuantCfg
 from lorapipe.errors import UserError
-from lorapipe.runs import atomic_dir
+from lorapipe.runs import atomic_dir, nearest_existing
 
 log = logging.getLogger(__name__)
 
@@ -282,10 +282,7 @@ def param_count(path: str, cfg: ModelCfg) -> int:
 def room_short(cached: Path, size: float) -> str | None:
     """Why the disk cannot keep a 4-bit base of `size` bytes in `cached` (1.2x its size must be free), or None.
     Asked by rank 0 before saving, and by preflight before loading, when the cache folder may not exist yet."""
-    folder = cached.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    free = shutil.disk_usage(folder).free
+    free = shutil.disk_usage(nearest_existing(cached.parent)).free
     if free >= 1.2 * size:
         return None
     return f"{size / 2**30:.1f} GiB needed with room to spare, {free / 2**30:.1f} GiB free in {cached.parent}"

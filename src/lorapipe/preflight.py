@@ -14,7 +14,6 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -137,16 +136,13 @@ def _warn_if_merge_short(cfg: RunCfg, base: str) -> None:
     from lorapipe import merge
     from lorapipe.models import param_count
 
-    folder = Path(cfg.output_dir)
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
     try:
         params, base_dtype = param_count(base, cfg.model), merge.checkpoint_dtype(base)
     except Exception as exc:  # noqa: BLE001  (a config transformers cannot build on the meta device: not ours to fail)
         log.debug("merge's disk need not estimated: %s", exc)
         return
     try:
-        merge.check_disk(folder, params, torch.float32, base_dtype)
+        merge.check_disk(cfg.run_dir(), params, torch.float32, base_dtype)
     except UserError as exc:
         log.warning("after training, %s (`lorapipe merge`, and the stage after training in `lorapipe run`)",
                     str(exc).removeprefix("merge: "))

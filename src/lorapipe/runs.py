@@ -104,6 +104,14 @@ def write_safetensors(path: Path, specs: dict[str, tuple[Any, tuple[int, ...]]],
     return end
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path`, or the nearest folder above it that exists: where its disk space can be asked before it is made."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 

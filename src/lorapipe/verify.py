@@ -188,7 +188,7 @@ def last_logits(model, tok, prompts: list[str]) -> list[torch.Tensor]:
             for p in prompts]
 
 
-def room_short(base: str, cfg: RunCfg) -> str | None:
+def float32_short(base: str, cfg: RunCfg) -> str | None:
     """Why one float32 copy of the base (plus LoRA), which the transformers paths hold on one device (the GPU, or
     CPU memory where there is none), cannot fit, or None. Asked before anything loads, so that a 70B base (280 GB in
     float32) is found out now, not as an out-of-memory error minutes in. The count comes from the config, built on
@@ -248,7 +248,7 @@ def run(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> VerifyR
     v = cfg.verify
     base = resolve_model(cfg.model)
     report: dict[str, Any] = {"run": str(run_dir), "base": base, "prompts": v.num_prompts,
-                              "max_tokens": v.max_tokens, "paths": {}}
+                              "max_tokens": v.max_tokens, "reference": "peft", "paths": {}}
     failures: list[str] = []
     problems = gate.check_adapter(run_dir / "adapter", base)
     report["adapter_problems"] = problems
@@ -256,7 +256,7 @@ def run(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> VerifyR
         failures += [f"adapter does not fit the base {base}: {pr}" for pr in problems]
         return _finish(run_dir, report, failures)
 
-    short = room_short(base, cfg)
+    short = float32_short(base, cfg)
     if short and not (v.vllm and serve.has_vllm()):
         instead = ("with its vLLM paths on (--verify.vllm true), which then check the served model against itself"
                    if not v.vllm else "with vLLM installed (`pip install vllm`), whose paths then check the served "
@@ -391,14 +391,14 @@ def _served_only(run_dir: Path, cfg: RunCfg, overrides: dict[str, Any] | None, r
 def _summary(report: dict[str, Any], failures: list[str]) -> str:
     lines = [f"verify {report['run']}: {'PASS' if not failures else 'FAIL'}"]
     if report.get("paths"):
-        ref = ("the PEFT adapter on the float32 base (transformers)" if report.get("reference", "peft") == "peft"
+        ref = ("the PEFT adapter on the float32 base (transformers)" if report["reference"] == "peft"
                else f"vllm_lora: no float32 copy of the base fits ({report.get('no_float32_reference')})")
         lines.append(f"{report['prompts']} prompts, greedy, {report['max_tokens']} tokens; reference: {ref}; vLLM "
                      f"serves at {report.get('serving_dtype')}")
         lines.append(f"  {'path':<12} {'dtype':<10} {'agreement':>9}  {'gate':<8} {'greedy':>7} {'exact':>6} "
                      f"{'stops':>6}")
         for name, e in report["paths"].items():
-            gate = ("ref" if name == report.get("reference", "peft") else f">={e['gate']:.1%}" if "gate" in e
+            gate = ("ref" if name == report["reference"] else f">={e['gate']:.1%}" if "gate" in e
                     else "floor" if name == "peft_half" else "reported")
             greedy = f"{e['greedy_agreement']:.1%}" if "greedy_agreement" in e else "-"
             exact = f"{e['exact']:.0%}" if "exact" in e else "-"
@@ -416,7 +416,7 @@ def _summary(report: dict[str, Any], failures: list[str]) -> str:
                      f"{t['eos_is_a_server_stop']}")
     for smp in report.get("samples", [])[:1]:
         lines.append(f"sample: {smp['instruction']}")
-        for name in ("peft", "peft_4bit") if report.get("reference", "peft") == "peft" else ("vllm_lora", "vllm_merged"):
+        for name in ("peft", "peft_4bit") if report["reference"] == "peft" else ("vllm_lora", "vllm_merged"):
             if name in smp:
                 lines.append(f"  {name:<10} {smp[name][:100]!r}")
     lines += [f"FAIL: {f}" for f in failures]
