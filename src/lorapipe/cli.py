@@ -131,6 +131,9 @@ def cmd_push(ns: argparse.Namespace) -> None:
 def cmd_export(ns: argparse.Namespace) -> int:
     from lorapipe import export
 
+    if not ns.no_check and (short := export.check_short(ns.run)):
+        raise UserError(f"export: {short}. Pass --no-check to write the GGUF unchecked (llama.cpp then loads it on "
+                        "its own), or run export on a machine with that much memory")
     r = export.run(ns.run, ns.format, ns.outtype, ns.gguf_pre)
     print(f"exported {r.path} ({r.outtype}, {r.tensors} tensors, {r.size_bytes / 2**20:.1f} MiB)")
     if ns.no_check:
