@@ -141,7 +141,7 @@ def cmd_export(ns: argparse.Namespace) -> int:
     c = export.check(ns.run, r.path, ns.prompts, ns.max_tokens, 0.99 if ns.outtype == "f16" else 0.0)
     g = c["greedy"]
     print(f"loaded back with transformers' GGUF loader, {c['prompts']} held-out prompts x {c['max_tokens']} greedy "
-          f"tokens against merged/ (float32):\n  agreement {c['agreement']:.1%} (gate "
+          f"tokens against merged/ (float32, on {c['device']}):\n  agreement {c['agreement']:.1%} (gate "
           f"{'>=' + format(c['gate'], '.0%') if c['gate'] else 'reported'}), greedy {g['agreement']:.1%}, exact "
           f"{g['exact']:.0%}; tokenizer ids equal on {c['tokenizer_equal']:.0%} of prompts; chat template "
           f"{'equal' if c['chat_template_equal'] else 'DIFFERENT'}\n{'PASS' if c['passed'] else 'FAIL'}")
