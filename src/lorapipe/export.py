@@ -231,9 +231,9 @@ def check_short(run_dir: str | Path) -> str | None:
 
 
 def _check_device(run_dir: Path, cfg) -> str:
-    """Where the check's two float32 models run, one after the other: the GPU when one copy fits there (an 8B model
-    decodes 64 prompts x 64 tokens in seconds there, and in the better part of an hour on CPU), else the CPU. They
-    load in CPU memory first either way (check_short)."""
+    """Where the check's two float32 models run, one after the other: the GPU when one copy fits there, else the
+    CPU, where each of the 4 x 64 greedy steps (64 prompts in batches of 16) reads the whole float32 model from
+    memory, 32 GB for 8B. They load in CPU memory first either way (check_short). Not yet run on a GPU."""
     import torch
 
     from lorapipe.models import param_count
