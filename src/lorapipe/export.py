@@ -213,8 +213,9 @@ def run(run_dir: str | Path, fmt: str = "gguf", outtype: str = "f16", pre: str |
 def check_short(run_dir: str | Path) -> str | None:
     """Why the check cannot run in this machine's CPU memory, or None. It loads merged/ and then the GGUF in
     float32 (transformers' GGUF loader dequantizes every tensor), one after the other: 4.4 bytes a parameter at its
-    peak, not counting mapped file pages (measured at the TinyLlama shape: 4.8 GB). Asked before the export writes, so a 70B model (about 300 GB) is found
-    out in a second, not as an out-of-memory kill after the file is written."""
+    peak, not counting mapped file pages (measured at the TinyLlama shape: 4.8 GB). Asked before the export writes,
+    so a 70B model (about 300 GB) is found out in a second, not as an out-of-memory kill after the file is
+    written."""
     from lorapipe.models import param_count
     from lorapipe.preflight import available_ram_gib
 
