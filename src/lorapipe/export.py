@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 
 OUTTYPES = ("f16", "q8_0")
 _CHECK_BYTES = 4.8  # peak CPU memory of `check` per parameter, + 10 % (see check_short)
-_NUMPY = {"F32": "float32", "F16": "float16"}  # by GGMLQuantizationType name: the unquantized types export writes
 
 
 @dataclass
@@ -179,21 +178,21 @@ def run(run_dir: str | Path, fmt: str = "gguf", outtype: str = "f16", pre: str |
     # header lists every tensor's name, type and size before the data, so the plan comes from the safetensors
     # headers alone, then each tensor is read, converted and written in the same order.
     plan = _plan(merged, c, outtype)
-    need = sum(nbytes for *_, nbytes in plan) * 1.01 + 2**20  # + the header: vocabulary, merges, template
+    total = sum(nbytes for *_, nbytes in plan)
+    need = total * 1.01 + 2**20  # + the header: vocabulary, merges, template
     free = shutil.disk_usage(target.parent).free
     if need > free:
         raise UserError(f"export: the {outtype} GGUF needs about {need / 2**30:.1f} GiB and {target.parent} has "
                         f"{free / 2**30:.1f} GiB free. Free space there"
                         + (", or pass --outtype q8_0 (about half the size)" if outtype == "f16" else ""))
-    for _shard, _key, name, shape, raw, nbytes in plan:
-        quantized = raw == gguf.GGMLQuantizationType.Q8_0  # its shape is in bytes, as gguf.quantize returns it
-        w.add_tensor_info(name, shape, np.dtype(np.uint8 if quantized else _NUMPY[raw.name]), nbytes,
-                          raw_dtype=raw if quantized else None)
+    for _shard, _key, name, shape, raw, nbytes in plan:  # uint8: q8_0's shape is in bytes, as gguf.quantize gives it
+        w.add_tensor_info(name, shape, np.uint8 if raw == gguf.GGMLQuantizationType.Q8_0 else np.float32, nbytes,
+                          raw_dtype=raw)
     try:
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        bar = tqdm(total=sum(p[-1] for p in plan), desc="exporting", unit="B", unit_scale=True,
+        bar = tqdm(total=total, desc="exporting", unit="B", unit_scale=True,
                    file=console.terminal())
         for shard, items in itertools.groupby(plan, key=lambda p: p[0]):
             with safe_open(str(shard), framework="pt") as f:

@@ -366,8 +366,8 @@ def _served_only(run_dir: Path, cfg: RunCfg, overrides: dict[str, Any] | None, r
                  prompts: list[dict[str, str]], tok) -> VerifyResult:
     """No float32 copy fits: vLLM on the merged model held to vLLM serving the adapter, both at the serving dtype.
     The reference's agreement with its own greedy tokens, teacher-forced, is what rounding alone costs at that dtype
-    (prefill and decode round differently; SmolLM2 in bf16: 98.5 and 99.3 % in two runs), so it is the floor that peft_half is in the
-    full check: vllm_merged passes at min_agreement or within half_slack of it."""
+    (prefill and decode round differently; SmolLM2 in bf16: 98.5 and 99.3 % in two runs), so it is the floor that
+    peft_half is in the full check: vllm_merged passes at min_agreement or within half_slack of it."""
     log.warning("verify: %s; checking the served paths against each other instead (the reference: the adapter as "
                 "vLLM serves it)", short)
     report["reference"] = "vllm_lora"
