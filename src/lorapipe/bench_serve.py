@@ -214,10 +214,10 @@ def _vllm_row(name: str, runs: list[Path], base: str, prompts: list[list[int]], 
     from lorapipe import serve
 
     p, n = row_plan(name, runs, base)
-    kw = serve.engine_kwargs(p)
     t0 = time.perf_counter()
     with serve.engine(p) as llm:
         t1 = time.perf_counter()
+        kw = serve.engine_kwargs(p)  # after the engine settled the layout (lorapipe.layout)
         loras = [serve.lora_request(p, p.adapters[i % n]) for i in range(len(prompts))] if n else None
         reqs = [{"prompt_token_ids": q} for q in prompts]
         # one untimed pass of the whole work first: every batch shape, CUDA graph and LoRA kernel variant the timed

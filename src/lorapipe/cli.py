@@ -328,7 +328,7 @@ def cmd_serve(ns: argparse.Namespace) -> None:
             print(f"  {name:<24} {what}")
         for note in p.notes:
             print(f"  note: {note}")
-        tp, dp = p.serve.tensor_parallel_size, p.serve.data_parallel_size
+        tp, dp = p.serve.tensor_parallel_size or 1, p.serve.data_parallel_size
         if tp * dp > 1:
             print(f"GPUs: {tp * dp} ({dp} engine{'s' if dp > 1 else ''} behind the server, each split over {tp})")
         auth = " -H 'Authorization: Bearer $LORAPIPE_API_KEY'" if serve.api_key(p.serve) else ""

