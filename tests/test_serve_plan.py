@@ -380,3 +380,39 @@ def test_serve_stops_cleanly_on_interrupt_hangup_and_terminate(tiny_run, monkeyp
     serve.serve([tiny_run], {"serve.path": "lora"}, on_ready=lambda s, p: events.append("ready"))
     assert events == ["started", "ready", "stopped"]
     assert signal.getsignal(signum) == before
+
+
+def test_preflight_says_before_training_when_vllm_will_not_hold_the_model(tiny_model, monkeypatch, caplog):
+    """`lorapipe run` trains, then verifies, evaluates and serves through vLLM: a model no layout of the visible GPUs
+    holds is said before training (a warning: the adapter is still worth training), not at verify hours later."""
+    import logging
+
+    from lorapipe import preflight
+    from lorapipe.config import load_config
+
+    cfg = load_config(None, {"name": "t", "model.name_or_path": str(tiny_model)})
+    bare = serve.Plan(str(tiny_model), "t", [], None, 0, cfg.serve, dtype="bfloat16")
+    total = layout.need(bare, serve.max_model_len(bare)).per_gpu(1) / 0.9 / 1.5  # one GPU short, two enough
+
+    class Nvml:
+        @staticmethod
+        def nvmlDeviceGetMemoryInfo(handle):
+            return type("Info", (), {"free": 0, "total": total})  # the GPUs are busy: not preflight's concern
+
+        @staticmethod
+        def nvmlDeviceGetCudaComputeCapability(handle):
+            return (9, 0)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(serve, "has_vllm", lambda: True)
+    monkeypatch.setattr(layout, "nvml_device", lambda i=0: (Nvml, None))
+    with caplog.at_level(logging.WARNING, logger="lorapipe.preflight"):
+        preflight._warn_if_unservable(cfg, str(tiny_model))
+    assert "after training, vLLM (verify, eval, serve) will not start on these GPUs: the model needs at least" in \
+        caplog.text and "2 such GPUs per engine (1 is visible)" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # two hold it: the unset size will take both
+    with caplog.at_level(logging.WARNING, logger="lorapipe.preflight"):
+        preflight._warn_if_unservable(cfg, str(tiny_model))
+    assert "after training" not in caplog.text

@@ -135,11 +135,12 @@ def _splits(tp: int, heads: int | None, kv: int | None, inter: int | None) -> bo
     return not (heads % tp or (kv % tp and tp % kv) or (inter and inter % tp))
 
 
-def check(p: Plan, offline: bool) -> None:
+def check(p: Plan, offline: bool, free: bool = True) -> None:
     """Settle p.serve.tensor_parallel_size (unset: the fewest GPUs that hold the model) and refuse (exit 2, before any
     model loads) a layout vLLM would fail on after minutes: data parallelism offline (vLLM runs it only as one
     process per engine), fewer GPUs than tensor x data parallel, attention heads that do not split evenly, a model
-    the GPUs cannot hold, a GPU without the free memory vLLM is set to take."""
+    the GPUs cannot hold, a GPU without the free memory vLLM is set to take (unless not `free`: preflight asks
+    before training, while the GPUs are not yet vLLM's)."""
     s = p.serve
     tp, dp = s.tensor_parallel_size, s.data_parallel_size
     if offline and dp > 1:
@@ -173,7 +174,7 @@ def check(p: Plan, offline: bool) -> None:
             p.notes.append(f"the model needs more than one GPU holds: split over {tp} GPUs "
                            "(serve.tensor_parallel_size, unset: the fewest that hold it)")
         p.serve = s.model_copy(update={"tensor_parallel_size": tp})
-    if cuda:
+    if cuda and free:
         check_free(p)
 
 

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -148,6 +149,23 @@ def _warn_if_merge_short(cfg: RunCfg, base: str) -> None:
                     str(exc).removeprefix("merge: "))
 
 
+def _warn_if_unservable(cfg: RunCfg, base: str) -> None:
+    """After training, verify, eval and serve run the model through vLLM on this machine's GPUs. Where no layout of
+    the visible GPUs holds it (lorapipe.layout: a 70B model trained on one H200 in 4 bits is 140 GB in bf16), said
+    now, not hours of training later. The adapter's LoRA slots are not known yet and not counted."""
+    from lorapipe import layout, serve
+
+    if not torch.cuda.is_available() or not serve.has_vllm():
+        return
+    try:
+        p = serve.Plan(base, Path(base).name, [], None, 0, cfg.serve, dtype=serve.serving_dtype(cfg.serve, base))
+        layout.check(p, offline=False, free=False)
+    except UserError as exc:
+        log.warning("after training, vLLM (verify, eval, serve) will not start on these GPUs: %s", exc)
+    except Exception as exc:  # noqa: BLE001  (a base whose config or files are not ours to judge here)
+        log.debug("the serving layout not checked before training: %s", exc)
+
+
 def available_ram_gib() -> float | None:
     try:
         with open("/proc/meminfo") as f:
@@ -242,6 +260,7 @@ def prepare(cfg: RunCfg) -> Prepared:
                         f"{cfg.data.max_response_lost_share}); raise data.max_length or shorten the prompts")
     report["problems"] = problems
     _warn_if_merge_short(cfg, base)
+    _warn_if_unservable(cfg, base)
     return Prepared(base, dtype, tokenizer, loaded.format, [rows[i] for i in keep], val_rows, setting, estimate,
                     report)
 
