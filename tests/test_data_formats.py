@@ -235,3 +235,8 @@ def test_preflight_warns_when_the_disk_cannot_take_the_merge(tiny_cfg, monkeypat
     with caplog.at_level(logging.WARNING, logger="lorapipe.preflight"):
         preflight.prepare(cfg)
     assert "after training, the merged model in float32" in caplog.text and "GiB free" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("RANK", "1")  # under torchrun, rank 0 says it for every process
+    with caplog.at_level(logging.WARNING, logger="lorapipe.preflight"):
+        preflight.prepare(cfg)
+    assert "after training" not in caplog.text

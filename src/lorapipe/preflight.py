@@ -259,8 +259,9 @@ def prepare(cfg: RunCfg) -> Prepared:
                         f"data.max_length={cfg.data.max_length} (allowed: data.max_response_lost_share="
                         f"{cfg.data.max_response_lost_share}); raise data.max_length or shorten the prompts")
     report["problems"] = problems
-    _warn_if_merge_short(cfg, base)
-    _warn_if_unservable(cfg, base)
+    if int(os.environ.get("RANK", "0")) == 0:  # what comes after training: said once, not by every process
+        _warn_if_merge_short(cfg, base)
+        _warn_if_unservable(cfg, base)
     return Prepared(base, dtype, tokenizer, loaded.format, [rows[i] for i in keep], val_rows, setting, estimate,
                     report)
 
