@@ -416,3 +416,30 @@ def test_preflight_says_before_training_when_vllm_will_not_hold_the_model(tiny_m
     with caplog.at_level(logging.WARNING, logger="lorapipe.preflight"):
         preflight._warn_if_unservable(cfg, str(tiny_model))
     assert "after training" not in caplog.text
+
+
+def test_a_busy_gpu_names_the_visible_ones_with_room(tiny_run, monkeypatch):
+    """On a shared machine (training on GPU 0, say), the refusal of a busy GPU names the visible GPUs that have the
+    share vLLM is set to take, as CUDA_VISIBLE_DEVICES would name them."""
+    free = {0: 10, 1: 20, 2: 130}  # GiB free of 140, by visible index
+
+    class Nvml:
+        @staticmethod
+        def nvmlDeviceGetMemoryInfo(handle):
+            return type("Info", (), {"free": free[handle] * 2**30, "total": 140 * 2**30})
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setattr(layout, "nvml_device", lambda i=0: (Nvml, i))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
+    p = serve.plan([tiny_run])
+    with pytest.raises(UserError, match=r"GPU 0 has 10.0 of 140.0 GiB free.*--serve.gpu_memory_utilization 0.05, or "
+                       r"use GPUs that have room: CUDA_VISIBLE_DEVICES=6$"):
+        layout.check(p, offline=True)
+    two = serve.plan([tiny_run], {"serve.tensor_parallel_size": 2})  # one GPU with room is not enough for two
+    with pytest.raises(UserError, match=r"--serve.gpu_memory_utilization 0.05$"):
+        layout.check(two, offline=True)
+    free[1] = 140
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    with pytest.raises(UserError, match=r"CUDA_VISIBLE_DEVICES=1,2$"):
+        layout.check(serve.plan([tiny_run], {"serve.tensor_parallel_size": 2}), offline=True)

@@ -219,8 +219,10 @@ def _fit(p: Plan, tp: int | None, gpus: int, heads, kv, inter, dp: int = 1) -> i
 
 def check_free(p: Plan) -> None:
     """Refuse to start (exit 2) what vLLM would fail on minutes later: a GPU without the memory vLLM is set to
-    take (every GPU the layout uses)."""
-    for i in range((p.serve.tensor_parallel_size or 1) * p.serve.data_parallel_size):
+    take (every GPU the layout uses). On a shared machine, other visible GPUs with room are named (vLLM takes the
+    first ones CUDA_VISIBLE_DEVICES shows)."""
+    used = (p.serve.tensor_parallel_size or 1) * p.serve.data_parallel_size
+    for i in range(used):
         nv = nvml_device(i)
         if nv is None:
             return
@@ -228,7 +230,27 @@ def check_free(p: Plan) -> None:
         want = p.serve.gpu_memory_utilization * info.total
         if info.free < want:
             fit = max(0.01, int((info.free / info.total - 0.02) * 100) / 100)
+            roomy = _roomy(p.serve.gpu_memory_utilization)
+            elsewhere = (f", or use GPUs that have room: CUDA_VISIBLE_DEVICES={','.join(roomy[:used])}"
+                         if len(roomy) >= used else "")
             raise UserError(f"GPU {i} has {info.free / GIB:.1f} of {info.total / GIB:.1f} GiB free, and vLLM "
                             f"is set to take {p.serve.gpu_memory_utilization:.0%} of it ({want / GIB:.1f} GiB, "
                             f"serve.gpu_memory_utilization): free the GPU, or pass --serve.gpu_memory_utilization "
-                            f"{fit}")
+                            f"{fit}{elsewhere}")
+
+
+def _roomy(share: float) -> list[str]:
+    """The visible GPUs (as CUDA_VISIBLE_DEVICES names them) with `share` of their memory free."""
+    import torch
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    names = [v.strip() for v in visible.split(",")] if visible else None
+    out = []
+    for k in range(torch.cuda.device_count()):
+        nv = nvml_device(k)
+        if nv is None:
+            return []
+        info = nv[0].nvmlDeviceGetMemoryInfo(nv[1])
+        if info.free >= share * info.total:
+            out.append(names[k] if names and k < len(names) else str(k))
+    return out
