@@ -443,3 +443,15 @@ def test_a_busy_gpu_names_the_visible_ones_with_room(tiny_run, monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     with pytest.raises(UserError, match=r"CUDA_VISIBLE_DEVICES=1,2$"):
         layout.check(serve.plan([tiny_run], {"serve.tensor_parallel_size": 2}), offline=True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    plain = serve.plan([tiny_run])
+    total = layout.need(plain, serve.max_model_len(plain)).per_gpu(1) * 2  # holds the model at 0.9 when free
+
+    class Small:
+        @staticmethod
+        def nvmlDeviceGetMemoryInfo(handle):
+            return type("Info", (), {"free": total * 0.2, "total": total})
+
+    monkeypatch.setattr(layout, "nvml_device", lambda i=0: (Small, i))
+    with pytest.raises(UserError, match=r"free the GPU \(the model needs at least .* GiB of it\)$"):  # no share
+        layout.check(plain, offline=True)  # of what is free would hold it: no --serve.gpu_memory_utilization offered

@@ -229,14 +229,19 @@ def check_free(p: Plan) -> None:
         info = nv[0].nvmlDeviceGetMemoryInfo(nv[1])
         want = p.serve.gpu_memory_utilization * info.total
         if info.free < want:
+            from lorapipe.serve import max_model_len
+
             fit = max(0.01, int((info.free / info.total - 0.02) * 100) / 100)
+            n = need(p, max_model_len(p))
+            lower = (f", or pass --serve.gpu_memory_utilization {fit}" if n is None or
+                     n.per_gpu(p.serve.tensor_parallel_size or 1) <= fit * info.total else
+                     f" (the model needs at least {n.per_gpu(p.serve.tensor_parallel_size or 1) / GIB:.1f} GiB of it)")
             roomy = _roomy(p.serve.gpu_memory_utilization)
             elsewhere = (f", or use GPUs that have room: CUDA_VISIBLE_DEVICES={','.join(roomy[:used])}"
                          if len(roomy) >= used else "")
             raise UserError(f"GPU {i} has {info.free / GIB:.1f} of {info.total / GIB:.1f} GiB free, and vLLM "
                             f"is set to take {p.serve.gpu_memory_utilization:.0%} of it ({want / GIB:.1f} GiB, "
-                            f"serve.gpu_memory_utilization): free the GPU, or pass --serve.gpu_memory_utilization "
-                            f"{fit}{elsewhere}")
+                            f"serve.gpu_memory_utilization): free the GPU{lower}{elsewhere}")
 
 
 def _roomy(share: float) -> list[str]:
