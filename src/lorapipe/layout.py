@@ -20,7 +20,6 @@ so a layout near the line may still fail inside vLLM, as before; one past it no 
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 from dataclasses import dataclass
@@ -31,8 +30,6 @@ from lorapipe.errors import UserError
 
 if TYPE_CHECKING:
     from lorapipe.serve import Plan
-
-log = logging.getLogger(__name__)
 
 GIB = 2**30
 
