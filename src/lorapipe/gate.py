@@ -39,12 +39,17 @@ def base_modules(base: str) -> tuple[dict[str, tuple[int, int]], int]:
     return mods, int(config.get_text_config().vocab_size)
 
 
-def adapter_shapes(adapter_dir: Path) -> dict[str, tuple[int, ...]]:
-    """{tensor name: shape} of the adapter's weights, read from the safetensors header only."""
+def file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} of a safetensors file, read from its header only."""
     from safetensors import safe_open
 
-    with safe_open(str(Path(adapter_dir) / "adapter_model.safetensors"), framework="pt") as f:
+    with safe_open(str(path), framework="pt") as f:
         return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+
+
+def adapter_shapes(adapter_dir: Path) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} of the adapter's weights, read from the safetensors header only."""
+    return file_shapes(Path(adapter_dir) / "adapter_model.safetensors")
 
 
 def adapter_targets(adapter_dir: Path) -> set[str]:

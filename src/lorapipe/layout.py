@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lorapipe.errors import UserError
+from lorapipe.gate import adapter_shapes, file_shapes
 
 if TYPE_CHECKING:
     from lorapipe.serve import Plan
@@ -71,20 +72,6 @@ class Need:
         return ", ".join(parts)
 
 
-def _numel(files: list[Path]) -> int:
-    from safetensors import safe_open
-
-    n = 0
-    for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            for k in st.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                size = 1
-                for d in st.get_slice(k).get_shape():
-                    size *= d
-                n += size
-    return n
-
-
 def need(p: Plan, max_len: int) -> Need | None:
     """What the plan's engine needs at the least, from config.json and the safetensors headers alone; None when that
     cannot be told safely (no safetensors, a quantized checkpoint whose packed tensors are not its bytes)."""
@@ -99,7 +86,7 @@ def need(p: Plan, max_len: int) -> Need | None:
     text = c.get("text_config", c)
     # vLLM casts a float32 checkpoint to 16 bits unless float32 is asked for: 2 bytes is the floor for "auto" too
     size = 4 if p.dtype == "float32" else 2
-    weights = _numel(files) * size
+    weights = sum(math.prod(shape) for f in files for shape in file_shapes(f).values()) * size
     kv = 0
     types = text.get("layer_types") or []
     windowed = (any(t != "full_attention" for t in types) or text.get("kv_lora_rank")
@@ -114,8 +101,6 @@ def need(p: Plan, max_len: int) -> Need | None:
         kv = 0
     lora, slots = 0, ""
     if p.adapters:
-        from lorapipe.gate import adapter_shapes
-
         per_rank = 0
         for a in p.adapters:  # lora_A is (r, in), lora_B (out, r): the adapter's size over its rank is the sum of
             shapes = adapter_shapes(a.path)  # in + out over every module that carries LoRA
@@ -188,12 +173,12 @@ def _fit(p: Plan, tp: int | None, gpus: int, heads, kv, inter, dp: int = 1) -> i
         return None
     total = min(d[0].nvmlDeviceGetMemoryInfo(d[1]).total for d in nv)
     budget = p.serve.gpu_memory_utilization * total
-    ok = [t for t in range(1, gpus + 1) if _splits(t, heads, kv, inter) and n.per_gpu(t) <= budget]
+    valid = [t for t in range(1, gpus + 1) if _splits(t, heads, kv, inter)]
+    ok = [t for t in valid if n.per_gpu(t) <= budget]
     if tp is not None and n.per_gpu(tp) <= budget:
         return tp
     if tp is None and ok:
         return ok[0]
-    valid = [t for t in range(1, gpus + 1) if _splits(t, heads, kv, inter)]
     widest = tp or valid[-1]
     fixes = []
     if ok:
