@@ -282,7 +282,7 @@ def test_fsdp_quantizes_in_cpu_memory_only_when_the_whole_4bit_base_does_not_fit
         free["bytes"] = free_gib * 2**30
         cfg = tiny_cfg(**{"train.fsdp": True, "train.processes": 2, "train.mode": "memory",
                           "train.fsdp_loading": loading})
-        return preflight.layout(cfg, str(tmp_path / "base"), rows, torch.bfloat16)
+        return preflight.layout(cfg, str(tmp_path / "base"), rows, torch.bfloat16)[:2]
 
     roomy, est = layout("auto", 80)
     assert roomy.shards == 2 and not roomy.cpu_loading and "cpu_loading_ram" not in est
@@ -389,3 +389,87 @@ def test_fsdp_layout_and_memory_estimate_track_the_two_h200_measurements():
     with pytest.raises(UserError, match="--train.processes N"):
         check_fsdp(1, cuda=True)
     check_fsdp(2, cuda=True)
+
+
+def test_preflight_names_what_fits_a_gpu_this_run_does_not(tiny_cfg, tmp_path, monkeypatch):
+    """A run whose estimated peak exceeds the GPU's free memory is told what fits instead, the fewest changes
+    first: memory mode, a smaller micro-batch with the same effective batch, FSDP over the fewest GPUs (visible, or
+    how many such GPUs), or a larger GPU. Each suggestion's own estimate fits; the run's does not."""
+    import re
+
+    from transformers import LlamaConfig
+
+    from lorapipe import preflight
+    from lorapipe.bench import SHAPES
+
+    h, inter, layers, heads, kv, vocab = SHAPES["llama3-8b"][:6]  # only its config is read
+    LlamaConfig(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=kv, vocab_size=vocab).save_pretrained(tmp_path / "base")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu = {"free": 80.0, "count": 1}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (int(gpu["free"] * 2**30), 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpu["count"])
+    rows = [{"input_ids": [5] * 1000, "completion_mask": [0] * 200 + [1] * 800}] * 16
+
+    def short(free: float, count: int = 1, **over) -> tuple[str, dict]:
+        gpu.update(free=free, count=count)
+        cfg = tiny_cfg(**{"train.per_device_train_batch_size": 4, "train.gradient_accumulation_steps": 4, **over})
+        setting, est, alternatives = preflight.layout(cfg, str(tmp_path / "base"), rows, torch.bfloat16)
+        return preflight._short_of_memory(est, setting, alternatives), est
+
+    def suggested_gib(msg: str) -> float:
+        return float(msg.rsplit("(", 1)[1].split(" GiB")[0].split("; ")[-1])
+
+    msg, est = short(80, **{"train.mode": "memory"})
+    assert msg == "" and est["gpu_free"] == 80
+    memory4 = preflight.need(est)
+    room = memory4 / 0.9 * 1.001  # memory mode just fits
+    msg, est = short(room, **{"train.mode": "speed"})  # speed's cached weights do not, at any micro-batch
+    assert msg.startswith("memory: the estimated peak is") and f"GPU has {room:.1f} GiB free" in msg
+    assert "speed mode" in msg and msg.endswith(f"what fits: --train.mode memory ({memory4:.1f} GiB)")
+    assert preflight.need(est) > 0.9 * room
+    msg, est = short(room * 0.9, **{"train.mode": "memory"})  # 4 examples a pass no longer fit
+    assert "memory mode, micro-batch 4" in msg and "--train.per_device_train_batch_size 2 " \
+        "--train.gradient_accumulation_steps 8 (the same effective batch, 2 examples a forward pass" in msg, msg
+    assert suggested_gib(msg) <= 0.9 * 0.9 * room
+    weights = est["weights"]
+    msg, _ = short(weights, **{"train.mode": "memory"})  # the 4-bit base itself does not fit: shard it
+    assert "what fits: --train.processes 2 --train.fsdp true --train.per_device_train_batch_size " in msg
+    assert msg.endswith("2 GPUs with this much free memory, 1 visible)") and suggested_gib(msg) <= 0.9 * weights
+    msg, _ = short(weights, count=2)
+    assert msg.endswith(" GiB per GPU)") and "what fits: --train.processes 2 --train.fsdp true" in msg
+    msg, _ = short(weights * 0.5, count=2)
+    n = int(re.search(r"what fits: --train.processes (\d) --train.fsdp true", msg).group(1))
+    assert n > 2 and msg.endswith(f"{n} GPUs with this much free memory, 2 visible)")
+    msg, _ = short(0.5)
+    assert msg.endswith("what fits: a GPU with more free memory: not even FSDP over 8 such GPUs holds it")
+
+
+def test_preflight_refuses_only_what_would_not_fit_even_below_its_estimate(tiny_cfg, monkeypatch, caplog):
+    """Over 0.9 x the free memory a run is warned; refused (unless --force) only when even 15 % less than its
+    estimate (the estimate has been within -9 % ... +14 % of the peaks measured) would not fit."""
+    import logging
+
+    from lorapipe import preflight
+
+    real = preflight.layout
+    free = {"gib": 80.0}
+
+    def layout(cfg, base, rows, dtype):
+        setting, est, _ = real(cfg, base, rows, dtype)  # the tiny model's layout on CPU, then a GPU's free memory
+        est = dict(est, total=10.0, gpu_free=free["gib"])
+        return setting, est, lambda: "--train.mode memory (1.0 GiB)"
+
+    monkeypatch.setattr(preflight, "layout", layout)
+    cfg = tiny_cfg()
+    assert preflight.prepare(cfg).report["problems"] == []
+    free["gib"] = 10.5  # 10 > 0.9 x 10.5, but 8.5 would fit: a warning
+    with caplog.at_level(logging.WARNING, logger="lorapipe.preflight"):
+        assert preflight.prepare(cfg).report["problems"] == []
+    assert "estimated peak is 10.0 GiB per GPU" in caplog.text and "it may still fit" in caplog.text
+    free["gib"] = 8.0
+    prep = preflight.prepare(cfg)
+    assert prep.report["problems"] == [preflight._short_of_memory(prep.estimate, prep.setting, prep.alternatives)]
+    with pytest.raises(preflight.UserError, match=r"what fits: --train.mode memory \(1.0 GiB\)\. Pass --force"):
+        preflight.check(prep, force=False)
+    preflight.check(prep, force=True)

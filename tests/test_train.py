@@ -142,3 +142,66 @@ def test_fsdp_adapter_is_written_as_peft_writes_it_through_checkpoint_wrappers(t
     cw, cg = (json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("peft", "ours"))
     cw["target_modules"], cg["target_modules"] = sorted(cw["target_modules"]), sorted(cg["target_modules"])
     assert cg == cw
+
+
+def test_cuda_out_of_memory_says_where_and_what_fits(tiny_cfg, monkeypatch, capsys):
+    """CUDA's out-of-memory error, while loading or at a step, becomes one message (exit code 2) that says where it
+    happened, preflight's estimate, and what fits; the in-progress folder stays. Under torchrun every process that
+    meets it says so (the GPU that filled may not be rank 0's), unlike a bad input, said once per machine."""
+    from types import SimpleNamespace
+
+    import torch
+    import trl
+
+    from lorapipe import cli, preflight
+    from lorapipe.errors import OutOfMemory
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=24 * 2**30))
+    real_prepare = preflight.prepare
+
+    def prepare(cfg):  # a GPU's figures in the CPU run's preflight
+        prep = real_prepare(cfg)
+        prep.estimate.update(total=30.0, gpu_free=23.5)
+        prep.alternatives = lambda: "--train.mode memory (9.0 GiB)"
+        return prep
+
+    monkeypatch.setattr(preflight, "prepare", prepare)
+    calls = []
+    real_step = trl.SFTTrainer.training_step
+
+    def step(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(trl.SFTTrainer, "training_step", step)
+    cfg = tiny_cfg(name="oom")
+    with pytest.raises(OutOfMemory) as exc:
+        train.run(cfg)
+    msg = str(exc.value)
+    assert msg.startswith("CUDA out of memory at step 2 of 2 (GPU 0: 24.0 GiB, 23.5 free before loading; preflight "
+                          "estimated 30.0 GiB for the ") and "What fits by preflight's estimate: --train.mode memory " \
+        "(9.0 GiB)." in msg and "--restart" in msg and "oom.incomplete" in msg, msg
+    assert (cfg.run_dir().parent / "oom.incomplete" / "INCOMPLETE").is_file() and not cfg.run_dir().exists()
+
+    def load(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(train, "load_model", load)
+    with pytest.raises(OutOfMemory, match="^CUDA out of memory while loading the base "):
+        train.run(tiny_cfg(name="oom2"))
+
+    def refuse(error):
+        def run(*a, **k):
+            raise error
+        return run
+
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a second process on this machine
+    monkeypatch.setattr(train, "run", refuse(OutOfMemory("CUDA out of memory at step 7 of 9")))
+    assert cli.main(["train", "--name", "x"]) == 2
+    assert "error: CUDA out of memory at step 7 of 9" in capsys.readouterr().err
+    monkeypatch.setattr(train, "run", refuse(UserError("data.source: no such file")))
+    assert cli.main(["train", "--name", "x"]) == 2
+    assert "data.source" not in capsys.readouterr().err  # rank 0 of the machine says it

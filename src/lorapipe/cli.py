@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from lorapipe import console
 from lorapipe.config import SECTIONS, RunCfg, dump_config, load_config, parse_override
-from lorapipe.errors import Stopped, UserError
+from lorapipe.errors import OutOfMemory, Stopped, UserError
 
 
 def _add_section_flags(parser: argparse.ArgumentParser, sections: list[str], top_level: bool = False) -> None:
@@ -502,8 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         if ns.debug:
             raise
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # under torchrun every process meets the same bad input:
-            print(f"error: {exc}", file=sys.stderr)  # one message per machine (another node may see other files)
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0 or isinstance(exc, OutOfMemory):  # under torchrun every
+            print(f"error: {exc}", file=sys.stderr)  # process meets the same bad input: one message per machine
         return 2
     except KeyboardInterrupt:
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:

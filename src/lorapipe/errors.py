@@ -17,3 +17,8 @@ class Stopped(UserError):
     def __init__(self, message: str, code: int):
         super().__init__(message)
         self.code = code
+
+
+class OutOfMemory(UserError):
+    """The GPU ran out of memory during training: the message says what fits (exit code 2). Printed by every process
+    that meets it: under torchrun one GPU may fill before the others, and its process alone knows."""

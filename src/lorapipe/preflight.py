@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ class Prepared:
     setting: speed.Setting
     estimate: dict[str, float]
     report: dict[str, Any]  # report["problems"]: what makes training pointless (train refuses unless forced)
+    alternatives: Callable[[], str] = lambda: ""  # what fits the GPU where this run does not (layout)
 
 
 def processes(cfg: RunCfg) -> int:
@@ -51,8 +53,10 @@ def processes(cfg: RunCfg) -> int:
     return cfg.train.processes
 
 
-def layout(cfg: RunCfg, base: str, rows: list[dict], dtype: torch.dtype) -> tuple[speed.Setting, dict[str, float]]:
-    """The mode's Setting for each process of this run, and its estimated peak memory (GiB, by part, per GPU)."""
+def layout(cfg: RunCfg, base: str, rows: list[dict], dtype: torch.dtype
+           ) -> tuple[speed.Setting, dict[str, float], Callable[[], str]]:
+    """The mode's Setting for each process of this run, its estimated peak memory (GiB, by part, per GPU), and what
+    would fit this GPU instead (a function: computed only when it is asked, when the run does not fit)."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(base, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
@@ -77,14 +81,13 @@ def layout(cfg: RunCfg, base: str, rows: list[dict], dtype: torch.dtype) -> tupl
     elif t.fsdp_loading != "auto":
         log.warning("train.fsdp_loading applies to FSDP runs (train.fsdp); ignored")
 
-    def sharded(s: speed.Setting) -> speed.Setting:  # train.fsdp: what each GPU of the run holds
-        s = speed.for_fsdp(speed.per_process(s, world), world)
+    def sharded(s: speed.Setting, n: int = world) -> speed.Setting:  # train.fsdp: what each of n GPUs holds
+        s = speed.for_fsdp(speed.per_process(s, n), n)
         on_cpu = t.fsdp_loading == "cpu" or (t.fsdp_loading == "auto" and estimate(s)["loading"] > 0.9 * free)
         return dataclasses.replace(s, cpu_loading=on_cpu)
 
     def fits(s: speed.Setting) -> bool:
-        est = estimate(sharded(s) if t.fsdp else s)
-        return max(est["total"], est.get("loading", 0.0)) <= 0.9 * free
+        return need(estimate(sharded(s) if t.fsdp else s)) <= 0.9 * free
 
     optim = t.optim if t.optim != "auto" else ("paged_adamw_32bit" if cuda else "adamw_torch")
     setting = speed.choose(t.mode, batch=t.per_device_train_batch_size, accum=t.gradient_accumulation_steps,
@@ -113,7 +116,59 @@ def layout(cfg: RunCfg, base: str, rows: list[dict], dtype: torch.dtype) -> tupl
                         "(%.1f GiB each), and %.1f GiB is available: loading may run out of memory", here,
                         est["cpu_loading_ram"], ram)
         _warn_if_not_kept(cfg, base, dtype, est["cpu_loading_ram"] / 1.05, here)
-    return setting, est
+
+    def alternatives() -> str:
+        """What fits this GPU's free memory (as preflight measured it) where this run's layout does not: memory
+        mode, smaller micro-batches, FSDP over more GPUs; the fewest changes first, each with its estimate."""
+        return _alternatives(cfg, setting, world, free, optim, lambda s: need(estimate(s)), sharded)
+
+    return setting, est, alternatives
+
+
+def need(est: dict[str, float]) -> float:
+    """A run's estimated peak per GPU (GiB): training, or FSDP's loading where that is higher."""
+    return max(est["total"], est.get("loading", 0.0))
+
+
+def _alternatives(cfg: RunCfg, setting: speed.Setting, world: int, free: float | None, optim: str, gib, sharded
+                  ) -> str:
+    if free is None:
+        return ""
+    t, room = cfg.train, 0.9 * free
+    total = t.per_device_train_batch_size * t.gradient_accumulation_steps
+
+    def memory(micro: int, n: int, fsdp: bool) -> speed.Setting:  # memory mode, `micro` examples a forward pass
+        s = speed.choose("memory", batch=micro, accum=total // micro, checkpointing=True, optim=optim,
+                         quantized=cfg.quant.load_in_4bit, cuda=True)
+        return sharded(s, n) if fsdp else speed.per_process(s, n)
+
+    micro = t.per_device_train_batch_size
+    mem = memory(micro, world, t.fsdp)
+    mode = "" if t.mode in ("memory", "auto") else "--train.mode memory "
+    if setting.mode != "memory" and (g := gib(mem)) <= room:
+        return f"--train.mode memory ({g:.1f} GiB)"
+
+    def smaller(n: int, fsdp: bool, largest: int) -> tuple[int, float] | None:  # the largest micro-batch that fits
+        for m in sorted((d for d in range(1, largest + 1) if (total // n) % d == 0), reverse=True):
+            if (g := gib(memory(m, n, fsdp))) <= room:
+                return m, g
+        return None
+
+    def batch(m: int) -> str:
+        return f"--train.per_device_train_batch_size {m} --train.gradient_accumulation_steps {total // m}"
+
+    if (fit := smaller(world, t.fsdp, mem.micro_batch - 1)) is not None:
+        m, g = fit
+        return f"{mode}{batch(m)} (the same effective batch, {m} example{'s' * (m > 1)} a forward pass; {g:.1f} GiB)"
+    gpus = torch.cuda.device_count()
+    for n in range(world + 1 if t.fsdp else 2, 9):  # sharded over more GPUs: the fewest that hold it
+        if total % n == 0 and (fit := smaller(n, True, micro)) is not None:
+            m, g = fit
+            flags = f"{mode}--train.processes {n} --train.fsdp true" + (
+                f" {batch(m)}" if m < memory(micro, n, True).micro_batch else "")
+            return f"{flags} ({g:.1f} GiB per GPU" + (
+                ")" if n <= gpus else f"; {n} GPUs with this much free memory, {gpus} visible)")
+    return "a GPU with more free memory: not even FSDP over 8 such GPUs holds it"
 
 
 def _warn_if_not_kept(cfg: RunCfg, base: str, dtype: torch.dtype, base_gib: float, here: int) -> None:
@@ -228,7 +283,7 @@ def prepare(cfg: RunCfg) -> Prepared:
     eos = tokenizer.eos_token_id
     dup = n - len({(p["prompt"], p["completion"]) for p in pairs})
     t = cfg.train
-    setting, estimate = layout(cfg, base, [rows[i] for i in keep] or rows, dtype)
+    setting, estimate, alternatives = layout(cfg, base, [rows[i] for i in keep] or rows, dtype)
     per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps
     steps = t.max_steps if t.max_steps > 0 else math.ceil(len(keep) / per_step * t.num_train_epochs)
     report = {
@@ -258,12 +313,36 @@ def prepare(cfg: RunCfg) -> Prepared:
         problems.append(f"{cut['response_lost']} of {n} examples ({share:.0%}) lose their whole response to "
                         f"data.max_length={cfg.data.max_length} (allowed: data.max_response_lost_share="
                         f"{cfg.data.max_response_lost_share}); raise data.max_length or shorten the prompts")
+    short = _short_of_memory(estimate, setting, alternatives)
+    if short and need(estimate) * (1 - ESTIMATE_ERROR) > estimate["gpu_free"]:
+        problems.append(short)
+    elif short and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        log.warning("%s; it may still fit (the estimate has been within %d %% of the peaks measured)", short,
+                    100 * ESTIMATE_ERROR)
     report["problems"] = problems
     if int(os.environ.get("RANK", "0")) == 0:  # what comes after training: said once, not by every process
         _warn_if_merge_short(cfg, base)
         _warn_if_unservable(cfg, base)
     return Prepared(base, dtype, tokenizer, loaded.format, [rows[i] for i in keep], val_rows, setting, estimate,
-                    report)
+                    report, alternatives)
+
+
+# preflight's estimate against the peaks measured on H200s: -9 % ... +14 % (BENCHMARKS.md, "Memory estimate vs
+# measured"). A run is refused only when even this much less than its estimate would not fit the GPU.
+ESTIMATE_ERROR = 0.15
+
+
+def _short_of_memory(est: dict[str, float], setting: speed.Setting, alternatives: Callable[[], str]) -> str:
+    """Why this run's layout does not fit the GPU's free memory, and what would (empty when it fits, or on CPU).
+    Without it such a run stops at CUDA's out-of-memory traceback: while loading (transformers 5 reserves the whole
+    base first), or, when only its step is too large, at the first step, after loading, quantizing and compiling."""
+    if "gpu_free" not in est or need(est) <= 0.9 * est["gpu_free"]:
+        return ""
+    parts = ", ".join(f"{k} {est[k]:.1f}" for k in ("weights", "dequant_cache", "lora_and_optimizer", "activations",
+                                                    "logits", "loading") if est.get(k))
+    what = "FSDP's loading peak" if est.get("loading", 0) > est["total"] else "the estimated peak"
+    return (f"memory: {what} is {need(est):.1f} GiB per GPU ({parts}; {setting.mode} mode, micro-batch "
+            f"{setting.micro_batch}) and the GPU has {est['gpu_free']:.1f} GiB free; what fits: {alternatives()}")
 
 
 def summary(report: dict[str, Any], examples: bool = True) -> str:
