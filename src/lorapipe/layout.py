@@ -203,7 +203,8 @@ def check_free(p: Plan) -> None:
     """Refuse to start (exit 2) what vLLM would fail on minutes later: a GPU without the memory vLLM is set to
     take (every GPU the layout uses). On a shared machine, other visible GPUs with room are named (vLLM takes the
     first ones CUDA_VISIBLE_DEVICES shows)."""
-    used = (p.serve.tensor_parallel_size or 1) * p.serve.data_parallel_size
+    tp = p.serve.tensor_parallel_size or 1
+    used = tp * p.serve.data_parallel_size
     for i in range(used):
         nv = nvml_device(i)
         if nv is None:
@@ -215,9 +216,8 @@ def check_free(p: Plan) -> None:
 
             fit = max(0.01, int((info.free / info.total - 0.02) * 100) / 100)
             n = need(p, max_model_len(p))
-            lower = (f", or pass --serve.gpu_memory_utilization {fit}" if n is None or
-                     n.per_gpu(p.serve.tensor_parallel_size or 1) <= fit * info.total else
-                     f" (the model needs at least {n.per_gpu(p.serve.tensor_parallel_size or 1) / GIB:.1f} GiB of it)")
+            lower = (f", or pass --serve.gpu_memory_utilization {fit}" if n is None or n.per_gpu(tp) <= fit * info.total
+                     else f" (the model needs at least {n.per_gpu(tp) / GIB:.1f} GiB of it)")
             roomy = _roomy(p.serve.gpu_memory_utilization)
             elsewhere = (f", or use GPUs that have room: CUDA_VISIBLE_DEVICES={','.join(roomy[:used])}"
                          if len(roomy) >= used else "")

@@ -43,7 +43,7 @@ class Prepared:
     setting: speed.Setting
     estimate: dict[str, float]
     report: dict[str, Any]  # report["problems"]: what makes training pointless (train refuses unless forced)
-    alternatives: Callable[[], str] = lambda: ""  # what fits the GPU where this run does not (layout)
+    alternatives: Callable[[], str]  # what fits the GPU where this run does not (layout)
 
 
 def processes(cfg: RunCfg) -> int:
