@@ -85,6 +85,14 @@ def test_choose_modes():
     mem = choose("auto", cuda=True, fits=lambda s: s.checkpointing, **kw)
     assert (mem.mode, mem.micro_batch, mem.accum, mem.checkpointing, mem.optim) == \
         ("memory", 4, 4, True, "paged_adamw_8bit")
+    # ... or the largest smaller one that fits, with the same effective batch; never a larger one
+    low = choose("auto", cuda=True, fits=lambda s: s.checkpointing and s.micro_batch <= 3, **kw)
+    assert (low.mode, low.micro_batch, low.accum) == ("memory", 2, 8)
+    assert choose("memory", cuda=True, fits=lambda s: s.micro_batch == 1, **kw).micro_batch == 1
+    assert choose("memory", cuda=True, fits=lambda s: False, **kw).micro_batch == 4  # preflight says what fits
+    assert choose("memory", cuda=True, fits=lambda s: True, batch=2, accum=8, **{k: v for k, v in kw.items()
+                                                                              if k not in ("batch", "accum")}
+                  ).micro_batch == 2
     # auto keeps speed mode when a smaller micro-batch of it fits
     smaller = choose("auto", cuda=True, fits=lambda s: s.checkpointing or s.micro_batch <= 8, **kw)
     assert (smaller.mode, smaller.micro_batch, smaller.accum) == ("speed", 8, 2)
@@ -252,7 +260,13 @@ def test_preflight_says_why_auto_chose_its_layout():
     why = speed.reason("auto", fast, True)
     assert fast.mode == "speed" and "fits the GPU's free memory" in why and "CUDA graphs off" in why
     low = speed.choose("auto", cuda=True, fits=lambda s: False, **kw)
-    assert low.mode == "memory" and "does not fit" in speed.reason("auto", low, True)
+    assert low.mode == "memory" and "does not fit" in speed.reason("auto", low, True, 4)
+    assert speed.reason("auto", low, True, 4) == "auto: speed's estimated peak does not fit the GPU's free memory"
+    lower = speed.choose("auto", cuda=True, fits=lambda s: s.checkpointing and s.micro_batch == 1, **kw)
+    assert speed.reason("auto", lower, True, 4) == ("auto: speed's estimated peak does not fit the GPU's free memory; "
+                                                    "micro-batch 1, not the 4 configured: the largest that fits, "
+                                                    "with the same effective batch")
+    assert speed.reason("memory", lower, True, 4).startswith("as configured; micro-batch 1, not the 4 configured")
     assert "CUDA graphs on" in speed.reason("auto", dataclasses.replace(fast, compile="model-graphs"), True)
     assert speed.reason("tutorial", speed.choose("tutorial", cuda=True, **kw), True) == "as configured"
 
@@ -415,6 +429,9 @@ def test_preflight_names_what_fits_a_gpu_this_run_does_not(tiny_cfg, tmp_path, m
         gpu.update(free=free, count=count)
         cfg = tiny_cfg(**{"train.per_device_train_batch_size": 4, "train.gradient_accumulation_steps": 4, **over})
         setting, est, alternatives = preflight.layout(cfg, str(tmp_path / "base"), rows, torch.bfloat16)
+        assert alternatives().processes == (int(re.search(r"--train.processes (\d)", alternatives().text).group(1))
+                                            if "--train.processes" in alternatives().text and
+                                            "visible)" not in alternatives().text else 0)
         return preflight._short_of_memory(est, setting, alternatives), est
 
     def suggested_gib(msg: str) -> float:
@@ -428,13 +445,16 @@ def test_preflight_names_what_fits_a_gpu_this_run_does_not(tiny_cfg, tmp_path, m
     assert msg.startswith("memory: the estimated peak is") and f"GPU has {room:.1f} GiB free" in msg
     assert "speed mode" in msg and msg.endswith(f"what fits: --train.mode memory ({memory4:.1f} GiB)")
     assert preflight.need(est) > 0.9 * room
-    msg, est = short(room * 0.9, **{"train.mode": "memory"})  # 4 examples a pass no longer fit
-    assert "memory mode, micro-batch 4" in msg and "--train.per_device_train_batch_size 2 " \
-        "--train.gradient_accumulation_steps 8 (the same effective batch, 2 examples a forward pass" in msg, msg
+    msg, est = short(room * 0.9, **{"train.mode": "memory"})  # 4 examples a pass no longer fit: memory mode
+    assert msg == "" and est["total"] < memory4  # lowers its micro-batch itself
+    msg, est = short(room * 0.9, **{"train.mode": "speed"})
+    assert msg.endswith(" GiB)") and "what fits: --train.mode memory (micro-batch 2, the largest that fits; " in msg
     assert suggested_gib(msg) <= 0.9 * 0.9 * room
+    msg, est = short(1, **{"train.mode": "memory"})
+    assert "memory mode, micro-batch 4" in msg  # nothing fits: the configured micro-batch's estimate is shown
     weights = est["weights"]
     msg, _ = short(weights, **{"train.mode": "memory"})  # the 4-bit base itself does not fit: shard it
-    assert "what fits: --train.processes 2 --train.fsdp true --train.per_device_train_batch_size " in msg
+    assert "what fits: --train.processes 2 --train.fsdp true (micro-batch " in msg
     assert msg.endswith("2 GPUs with this much free memory, 1 visible)") and suggested_gib(msg) <= 0.9 * weights
     msg, _ = short(weights, count=2)
     assert msg.endswith(" GiB per GPU)") and "what fits: --train.processes 2 --train.fsdp true" in msg
@@ -454,11 +474,12 @@ def test_preflight_refuses_only_what_would_not_fit_even_below_its_estimate(tiny_
 
     real = preflight.layout
     free = {"gib": 80.0}
+    fit = {"text": "--train.mode memory (1.0 GiB)", "processes": 0}
 
     def layout(cfg, base, rows, dtype):
         setting, est, _ = real(cfg, base, rows, dtype)  # the tiny model's layout on CPU, then a GPU's free memory
         est = dict(est, total=10.0, gpu_free=free["gib"])
-        return setting, est, lambda: "--train.mode memory (1.0 GiB)"
+        return setting, est, lambda: preflight.Fit(fit["text"], fit["processes"])
 
     monkeypatch.setattr(preflight, "layout", layout)
     cfg = tiny_cfg()
@@ -473,3 +494,38 @@ def test_preflight_refuses_only_what_would_not_fit_even_below_its_estimate(tiny_
     with pytest.raises(preflight.UserError, match=r"what fits: --train.mode memory \(1.0 GiB\)\. Pass --force"):
         preflight.check(prep, force=False)
     preflight.check(prep, force=True)
+
+
+def test_an_unset_train_processes_becomes_fsdp_over_the_visible_gpus_where_one_does_not_hold_the_run(
+        tiny_cfg, monkeypatch):
+    """Where one GPU cannot hold the run (auto or memory mode) and FSDP over some of the visible GPUs can, a run
+    whose train.processes is unset trains FSDP-sharded over the fewest of them (preflight says so); set to 1, or
+    in a mode the user chose otherwise, it is refused with the same suggestion, as before."""
+    from lorapipe import preflight
+
+    real = preflight.layout
+    fit = preflight.Fit("--train.processes 2 --train.fsdp true (4.0 GiB per GPU)", 2)
+
+    def layout(cfg, base, rows, dtype):
+        setting, est, _ = real(cfg, base, rows, dtype)  # the tiny model's layout on CPU, then a GPU's figures
+        return setting, dict(est, total=10.0, gpu_free=6.0), lambda: fit
+
+    monkeypatch.setattr(preflight, "layout", layout)
+    prep = preflight.prepare(tiny_cfg())
+    why = preflight._short_of_memory(prep.estimate, prep.setting, prep.alternatives)
+    assert prep.report["problems"] == [] and prep.report["scale_out"] == {"processes": 2, "why": why}
+    assert prep.report["processes"] == 1
+    assert f"- **scale-out:** {why}: training FSDP-sharded over 2 GPUs instead" in preflight.summary(prep.report)
+    assert preflight.prepare(tiny_cfg(**{"train.mode": "memory"})).report["scale_out"]["processes"] == 2
+    for over in ({"train.processes": 1}, {"train.mode": "speed"}, {"train.mode": "tutorial"}):
+        prep = preflight.prepare(tiny_cfg(**over))
+        assert "scale_out" not in prep.report and prep.report["problems"] == [
+            preflight._short_of_memory(prep.estimate, prep.setting, prep.alternatives)], over
+    monkeypatch.setenv("WORLD_SIZE", "2")  # inside the launch: its own layout, never a second one
+    assert "scale_out" not in preflight.prepare(tiny_cfg()).report
+    monkeypatch.delenv("WORLD_SIZE")
+    fit = preflight.Fit("--train.processes 4 --train.fsdp true (2.0 GiB per GPU; 4 GPUs with this much free "
+                        "memory, 2 visible)")
+    prep = preflight.prepare(tiny_cfg())
+    assert "scale_out" not in prep.report and prep.report["problems"] == [
+        preflight._short_of_memory(prep.estimate, prep.setting, prep.alternatives)]

@@ -163,7 +163,7 @@ def test_cuda_out_of_memory_says_where_and_what_fits(tiny_cfg, monkeypatch, caps
     def prepare(cfg):  # a GPU's figures in the CPU run's preflight
         prep = real_prepare(cfg)
         prep.estimate.update(total=30.0, gpu_free=23.5)
-        prep.alternatives = lambda: "--train.mode memory (9.0 GiB)"
+        prep.alternatives = lambda: preflight.Fit("--train.mode memory (9.0 GiB)")
         return prep
 
     monkeypatch.setattr(preflight, "prepare", prepare)
@@ -205,3 +205,52 @@ def test_cuda_out_of_memory_says_where_and_what_fits(tiny_cfg, monkeypatch, caps
     monkeypatch.setattr(train, "run", refuse(UserError("data.source: no such file")))
     assert cli.main(["train", "--name", "x"]) == 2
     assert "data.source" not in capsys.readouterr().err  # rank 0 of the machine says it
+
+
+def test_a_run_one_gpu_cannot_hold_trains_fsdp_over_the_gpus_preflight_named(tiny_cfg, monkeypatch, capsys):
+    """train.run with preflight's scale-out (an unset train.processes, a run that fits FSDP over visible GPUs and
+    not one): no model is loaded here; the same run is launched FSDP-sharded over those GPUs (lorapipe.launch, as
+    `--train.processes N --train.fsdp true` would), and its result read back; a failed launch keeps its exit code."""
+    import json
+
+    from lorapipe import cli, launch, preflight
+    from lorapipe.errors import Stopped
+
+    real_prepare = preflight.prepare
+
+    def prepare(cfg):
+        prep = real_prepare(cfg)
+        prep.report["scale_out"] = {"processes": 2, "why": "memory: the estimated peak is 30.0 GiB per GPU (...)"}
+        return prep
+
+    launched = []
+
+    def start(cfg, n, overwrite=False, force=False, restart=False):
+        launched.append((cfg, n, overwrite, force, restart))
+        cfg.run_dir().mkdir(parents=True)
+        (cfg.run_dir() / "metrics.json").write_text(json.dumps({"train_loss": 1.5, "steps": 2, "runtime_s": 3.0,
+                                                                "processes": n}))
+        return rc["code"]
+
+    def load(*a, **k):
+        raise AssertionError("the launching process loads no model")
+
+    rc = {"code": 0}
+    monkeypatch.setattr(preflight, "prepare", prepare)
+    monkeypatch.setattr(launch, "train", start)
+    monkeypatch.setattr(train, "load_model", load)
+    cfg = tiny_cfg(name="wide")
+    r = train.run(cfg, restart=True)
+    (wide, n, overwrite, force, restart), = launched
+    assert (n, wide.train.processes, wide.train.fsdp, overwrite, force, restart) == (2, 2, True, False, False, True)
+    assert wide.name == cfg.name and cfg.train.processes is None and not cfg.train.fsdp  # the caller's cfg unchanged
+    assert r.relaunched and (r.run_dir, r.train_loss, r.steps, r.metrics["processes"]) == (cfg.run_dir(), 1.5, 2, 2)
+    assert not (cfg.run_dir().parent / "wide.incomplete").exists()
+    capsys.readouterr()
+    assert cli.main(["train", "--name", "wide2", "--output_dir", str(cfg.output_dir), "--model.name_or_path",
+                     cfg.model.name_or_path, "--data.max_examples", "8", "--train.max_steps", "2"]) == 0
+    assert "trained" not in capsys.readouterr().out  # rank 0 of the launched processes said it
+    rc["code"] = 143
+    with pytest.raises(Stopped, match="training in 2 FSDP-sharded processes exited with code 143") as exc:
+        train.run(tiny_cfg(name="wide3"))
+    assert exc.value.code == 143

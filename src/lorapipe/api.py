@@ -45,7 +45,8 @@ def resolve(config: str | Path | RunCfg | None = None, overrides: dict[str, Any]
 def train(config: str | Path | RunCfg | None = None, *, overwrite: bool = False, force: bool = False,
           restart: bool = False, overrides: dict[str, Any] | None = None, **kw: Any):
     """Preflight + QLoRA SFT -> runs/<name>/ (`lorapipe train`); resumes an interrupted run of the same config.
-    With train.processes > 1 it launches torchrun like the CLI and reads the finished run back. -> TrainResult."""
+    With train.processes > 1, or where preflight finds that only FSDP over several visible GPUs holds the run, it
+    launches torchrun like the CLI and reads the finished run back. -> TrainResult."""
     from lorapipe import launch
     from lorapipe import train as train_mod
     from lorapipe.errors import UserError

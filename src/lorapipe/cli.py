@@ -55,7 +55,7 @@ def cmd_train(ns: argparse.Namespace) -> int | None:
     from lorapipe import train  # after the launch decision: a launching parent needs none of the training stack
 
     r = train.run(cfg, overwrite=ns.overwrite, force=ns.force, restart=ns.restart)
-    if int(os.environ.get("RANK", "0")) > 0:
+    if int(os.environ.get("RANK", "0")) > 0 or r.relaunched:  # rank 0 of the processes it started said so
         return None
     resumed = f" (resumed at step {r.metrics['resumed_from_step']})" if r.metrics.get("resumed_from_step") else ""
     print(f"\ntrained {r.steps} steps{resumed} in {r.runtime_s:.0f}s, train loss {r.train_loss:.4f}")

@@ -116,7 +116,8 @@ class TrainCfg(_Section):
         description="How the step is laid out (hyper-parameters never change). tutorial: the flags below exactly as "
         "written. speed: the whole effective batch in one padding-free micro-batch (or the largest that fits), no "
         "checkpointing, cached dequantized weights, Liger kernels. memory: padding-free, checkpointing, fused loss, "
-        "paged 8-bit AdamW (Llama-3-8B QLoRA in 6.4 GiB). auto: speed when it fits the GPU's free memory, else "
+        "paged 8-bit AdamW (Llama-3-8B QLoRA in 6.4 GiB), and a smaller micro-batch (the effective batch unchanged) "
+        "where the configured one does not fit the GPU. auto: speed when it fits the GPU's free memory, else "
         "memory; tutorial on CPU.",
     )
     cuda_graphs: bool = Field(
@@ -127,12 +128,14 @@ class TrainCfg(_Section):
         "(TinyLlama-1.1B on an H200: 0.15 -> 0.057 s/step), at about a minute of compilation per length bucket; "
         "Liger kernels are off (torch.compile fuses instead).",
     )
-    processes: int = Field(
-        1, gt=0, description="Data-parallel training processes, one per GPU, launched with torchrun (DDP). The "
+    processes: int | None = Field(
+        None, gt=0, description="Data-parallel training processes, one per GPU, launched with torchrun (DDP). The "
         "effective batch stays per_device_train_batch_size x gradient_accumulation_steps as configured: each "
-        "process takes its share. 1 by default: on 2 H200s the default SmolLM2-135M trained slower in 2 processes "
-        "(7.2-7.9k vs 9.6k tokens/s) and a Llama-3-8B shape 1.16x faster in its loop but slower end to end, so more "
-        "GPUs are a choice, not a default. On CPU, more than 1 runs gloo.")
+        "process takes its share. Unset: 1, because on 2 H200s the default SmolLM2-135M trained slower in 2 "
+        "processes (7.2-7.9k vs 9.6k tokens/s) and a Llama-3-8B shape 1.16x faster in its loop but slower end to "
+        "end; but when preflight finds that the run (auto or memory mode) does not fit one GPU's free memory and "
+        "FSDP over some of the visible GPUs does, it trains FSDP-sharded over the fewest of them that fit, as if "
+        "given --train.processes N --train.fsdp true. Set 1 to keep one GPU. On CPU, more than 1 runs gloo.")
     fsdp: bool = Field(
         False, description="With train.processes N on N GPUs: shard the 4-bit base, the LoRA weights, their "
         "gradients and the optimizer state over the GPUs (FSDP-QLoRA through accelerate's FSDP2) instead of copying "

@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -43,18 +43,26 @@ class Prepared:
     setting: speed.Setting
     estimate: dict[str, float]
     report: dict[str, Any]  # report["problems"]: what makes training pointless (train refuses unless forced)
-    alternatives: Callable[[], str]  # what fits the GPU where this run does not (layout)
+    alternatives: Callable[[], Fit]  # what fits the GPU where this run does not (layout)
+
+
+class Fit(NamedTuple):
+    """What fits where a run's layout does not: the flags and their estimate, said to the user; `processes`: when
+    the flags are FSDP over that many of the visible GPUs (what an unset train.processes turns into)."""
+
+    text: str
+    processes: int = 0
 
 
 def processes(cfg: RunCfg) -> int:
-    """Data-parallel processes: torchrun's WORLD_SIZE inside a launch, else train.processes."""
+    """Data-parallel processes: torchrun's WORLD_SIZE inside a launch, else train.processes (unset: 1)."""
     if os.environ.get("WORLD_SIZE"):
         return int(os.environ["WORLD_SIZE"])
-    return cfg.train.processes
+    return cfg.train.processes or 1
 
 
 def layout(cfg: RunCfg, base: str, rows: list[dict], dtype: torch.dtype
-           ) -> tuple[speed.Setting, dict[str, float], Callable[[], str]]:
+           ) -> tuple[speed.Setting, dict[str, float], Callable[[], Fit]]:
     """The mode's Setting for each process of this run, its estimated peak memory (GiB, by part, per GPU), and what
     would fit this GPU instead (a function: computed only when it is asked, when the run does not fit)."""
     from transformers import AutoConfig
@@ -117,9 +125,10 @@ def layout(cfg: RunCfg, base: str, rows: list[dict], dtype: torch.dtype
                         est["cpu_loading_ram"], ram)
         _warn_if_not_kept(cfg, base, dtype, est["cpu_loading_ram"] / 1.05, here)
 
-    def alternatives() -> str:
+    def alternatives() -> Fit:
         """What fits this GPU's free memory (as preflight measured it) where this run's layout does not: memory
-        mode, smaller micro-batches, FSDP over more GPUs; the fewest changes first, each with its estimate."""
+        mode, FSDP over more GPUs; the fewest changes first, each with its estimate. Memory mode lowers the
+        micro-batch itself where the configured one does not fit (speed.choose), so no batch flags are named."""
         return _alternatives(cfg, setting, world, free, optim, lambda s: need(estimate(s)), sharded)
 
     return setting, est, alternatives
@@ -131,9 +140,9 @@ def need(est: dict[str, float]) -> float:
 
 
 def _alternatives(cfg: RunCfg, setting: speed.Setting, world: int, free: float | None, optim: str, gib, sharded
-                  ) -> str:
+                  ) -> Fit:
     if free is None:
-        return ""
+        return Fit("")
     t, room = cfg.train, 0.9 * free
     total = t.per_device_train_batch_size * t.gradient_accumulation_steps
 
@@ -143,32 +152,23 @@ def _alternatives(cfg: RunCfg, setting: speed.Setting, world: int, free: float |
         return sharded(s, n) if fsdp else speed.per_process(s, n)
 
     micro = t.per_device_train_batch_size
-    mem = memory(micro, world, t.fsdp)
-    mode = "" if t.mode in ("memory", "auto") else "--train.mode memory "
-    if setting.mode != "memory" and (g := gib(mem)) <= room:
-        return f"--train.mode memory ({g:.1f} GiB)"
 
-    def smaller(n: int, fsdp: bool, largest: int) -> tuple[int, float] | None:  # the largest micro-batch that fits
+    def smaller(n: int, fsdp: bool) -> tuple[str, float] | None:  # memory mode's largest micro-batch that fits
+        largest = memory(micro, n, fsdp).micro_batch  # each process's share of the configured one
         for m in sorted((d for d in range(1, largest + 1) if (total // n) % d == 0), reverse=True):
             if (g := gib(memory(m, n, fsdp))) <= room:
-                return m, g
+                return ("" if m == largest else f"micro-batch {m}, the largest that fits; "), g
         return None
 
-    def batch(m: int) -> str:
-        return f"--train.per_device_train_batch_size {m} --train.gradient_accumulation_steps {total // m}"
-
-    if (fit := smaller(world, t.fsdp, mem.micro_batch - 1)) is not None:
-        m, g = fit
-        return f"{mode}{batch(m)} (the same effective batch, {m} example{'s' * (m > 1)} a forward pass; {g:.1f} GiB)"
+    if setting.mode != "memory" and (fit := smaller(world, t.fsdp)) is not None:
+        return Fit(f"--train.mode memory ({fit[0]}{fit[1]:.1f} GiB)")
+    mode = "" if t.mode in ("memory", "auto") else "--train.mode memory "
     gpus = torch.cuda.device_count()
     for n in range(world + 1 if t.fsdp else 2, 9):  # sharded over more GPUs: the fewest that hold it
-        if total % n == 0 and (fit := smaller(n, True, micro)) is not None:
-            m, g = fit
-            flags = f"{mode}--train.processes {n} --train.fsdp true" + (
-                f" {batch(m)}" if m < memory(micro, n, True).micro_batch else "")
-            return f"{flags} ({g:.1f} GiB per GPU" + (
-                ")" if n <= gpus else f"; {n} GPUs with this much free memory, {gpus} visible)")
-    return "a GPU with more free memory: not even FSDP over 8 such GPUs holds it"
+        if total % n == 0 and (fit := smaller(n, True)) is not None:
+            return Fit(f"{mode}--train.processes {n} --train.fsdp true ({fit[0]}{fit[1]:.1f} GiB per GPU" + (
+                ")" if n <= gpus else f"; {n} GPUs with this much free memory, {gpus} visible)"), n if n <= gpus else 0)
+    return Fit("a GPU with more free memory: not even FSDP over 8 such GPUs holds it")
 
 
 def _warn_if_not_kept(cfg: RunCfg, base: str, dtype: torch.dtype, base_gib: float, here: int) -> None:
@@ -286,6 +286,8 @@ def prepare(cfg: RunCfg) -> Prepared:
     setting, estimate, alternatives = layout(cfg, base, [rows[i] for i in keep] or rows, dtype)
     per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps
     steps = t.max_steps if t.max_steps > 0 else math.ceil(len(keep) / per_step * t.num_train_epochs)
+    configured = speed.per_process(dataclasses.replace(setting, micro_batch=t.per_device_train_batch_size,
+                                                       accum=t.gradient_accumulation_steps), processes(cfg))
     report = {
         "format": loaded.format, "sources": loaded.sources, "template": cfg.data.template if loaded.format ==
         "alpaca" else ("model chat template" if loaded.format == "messages" else "plain"),
@@ -300,7 +302,8 @@ def prepare(cfg: RunCfg) -> Prepared:
         "text" else 0,
         "ending_with_eos": sum(bool(r["input_ids"]) and r["input_ids"][-1] == eos for r in rows),
         "examples_rendered": [_rendered(tokenizer, rows[i], completion_only) for i in keep[:2]],
-        "layout": setting.as_dict(), "layout_reason": speed.reason(cfg.train.mode, setting, torch.cuda.is_available()),
+        "layout": setting.as_dict(), "layout_reason": speed.reason(cfg.train.mode, setting, torch.cuda.is_available(),
+                                                                  configured.micro_batch),
         "processes": processes(cfg), "memory_estimate_gib": estimate,
         "device": "cuda" if torch.cuda.is_available() else "cpu", "effective_batch": per_step, "steps": steps,
     }
@@ -314,13 +317,17 @@ def prepare(cfg: RunCfg) -> Prepared:
                         f"data.max_length={cfg.data.max_length} (allowed: data.max_response_lost_share="
                         f"{cfg.data.max_response_lost_share}); raise data.max_length or shorten the prompts")
     short = _short_of_memory(estimate, setting, alternatives)
-    if short and need(estimate) * (1 - ESTIMATE_ERROR) > estimate["gpu_free"]:
+    if short and cfg.train.processes is None and not os.environ.get("WORLD_SIZE") and t.mode in ("auto", "memory") \
+            and (gpus := alternatives().processes):  # FSDP over visible GPUs holds what one GPU does not: train so
+        report["scale_out"] = {"processes": gpus, "why": short}
+    elif short and need(estimate) * (1 - ESTIMATE_ERROR) > estimate["gpu_free"]:
         problems.append(short)
     elif short and int(os.environ.get("LOCAL_RANK", "0")) == 0:
         log.warning("%s; it may still fit (the estimate has been within %d %% of the peaks measured)", short,
                     100 * ESTIMATE_ERROR)
     report["problems"] = problems
-    if int(os.environ.get("RANK", "0")) == 0:  # what comes after training: said once, not by every process
+    if int(os.environ.get("RANK", "0")) == 0 and "scale_out" not in report:  # what comes after training: said
+        # once, not by every process (nor by one that launches them: their rank 0 says it)
         _warn_if_merge_short(cfg, base)
         _warn_if_unservable(cfg, base)
     return Prepared(base, dtype, tokenizer, loaded.format, [rows[i] for i in keep], val_rows, setting, estimate,
@@ -332,7 +339,7 @@ def prepare(cfg: RunCfg) -> Prepared:
 ESTIMATE_ERROR = 0.15
 
 
-def _short_of_memory(est: dict[str, float], setting: speed.Setting, alternatives: Callable[[], str]) -> str:
+def _short_of_memory(est: dict[str, float], setting: speed.Setting, alternatives: Callable[[], Fit]) -> str:
     """Why this run's layout does not fit the GPU's free memory, and what would (empty when it fits, or on CPU).
     Without it such a run stops at CUDA's out-of-memory traceback: while loading (transformers 5 reserves the whole
     base first), or, when only its step is too large, at the first step, after loading, quantizing and compiling."""
@@ -342,7 +349,7 @@ def _short_of_memory(est: dict[str, float], setting: speed.Setting, alternatives
                                                     "logits", "loading") if est.get(k))
     what = "FSDP's loading peak" if est.get("loading", 0) > est["total"] else "the estimated peak"
     return (f"memory: {what} is {need(est):.1f} GiB per GPU ({parts}; {setting.mode} mode, micro-batch "
-            f"{setting.micro_batch}) and the GPU has {est['gpu_free']:.1f} GiB free; what fits: {alternatives()}")
+            f"{setting.micro_batch}) and the GPU has {est['gpu_free']:.1f} GiB free; what fits: {alternatives().text}")
 
 
 def summary(report: dict[str, Any], examples: bool = True) -> str:
@@ -378,6 +385,9 @@ def summary(report: dict[str, Any], examples: bool = True) -> str:
            if "loading" in mem else ""),
         f"- steps: {r['steps']} (effective batch {r['effective_batch']})",
     ]
+    if r.get("scale_out"):
+        lines.append(f"- **scale-out:** {r['scale_out']['why']}: training FSDP-sharded over "
+                     f"{r['scale_out']['processes']} GPUs instead (train.processes unset; set it to choose)")
     for p in r["problems"]:
         lines.append(f"- **PROBLEM:** {p}")
     for i, text in enumerate(r["examples_rendered"] if examples else [], 1):

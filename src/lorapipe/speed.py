@@ -541,13 +541,20 @@ def choose(mode: str, *, batch: int, accum: int, checkpointing: bool, optim: str
         if not cuda:
             return choose("tutorial", **kw)
         fast = choose("speed", fits=fits, **kw)  # with the largest micro-batch that fits
-        return fast if fits is None or fits(fast) else choose("memory", **kw)
+        return fast if fits is None or fits(fast) else choose("memory", fits=fits, **kw)
     liger = liger_available()
     if mode == "tutorial":
         return Setting("tutorial", batch, accum, checkpointing, quantized, False, False, False, optim)
-    if mode == "memory":
-        return Setting("memory", batch, accum, True, False, True, False, liger,
-                       "paged_adamw_8bit" if cuda else optim)
+    if mode == "memory":  # the configured micro-batch, or the largest smaller one that fits (the same effective batch)
+        total = batch * accum
+
+        def memory(m: int) -> Setting:
+            return Setting("memory", m, total // m, True, False, True, False, liger, "paged_adamw_8bit" if cuda else optim)
+
+        if fits is not None and not fits(memory(batch)):
+            return next((memory(m) for m in range(batch - 1, 0, -1) if total % m == 0 and fits(memory(m))),
+                        memory(batch))  # nothing fits: the configured one, and preflight says what would
+        return memory(batch)
     if mode == "speed":
         total = batch * accum
         micro = total
@@ -561,21 +568,24 @@ def choose(mode: str, *, batch: int, accum: int, checkpointing: bool, optim: str
     raise ValueError(f"unknown mode {mode}")
 
 
-def reason(requested: str, s: Setting, cuda: bool) -> str:
-    """Why the run has the layout it has, in a few words (preflight's layout line)."""
+def reason(requested: str, s: Setting, cuda: bool, batch: int = 0) -> str:
+    """Why the run has the layout it has, in a few words (preflight's layout line); `batch`: each process's
+    micro-batch as configured, which memory mode lowers where that does not fit."""
     if s.shards > 1:
         return (f"FSDP over {s.shards} GPUs (train.fsdp): the 4-bit base, LoRA and its optimizer state sharded, "
                 f"{requested} mode's batch layout"
                 + ("; the base quantized in CPU memory (train.fsdp_loading)" if s.cpu_loading else ""))
     graphs = ("CUDA graphs on (train.cuda_graphs)" if s.compile else
               "CUDA graphs off: about a minute of compilation per length bucket pays only on long runs")
+    smaller = (f"; micro-batch {s.micro_batch}, not the {batch} configured: the largest that fits, with the same "
+               "effective batch" if s.mode == "memory" and s.micro_batch < batch else "")
     if requested != "auto":
-        return "as configured" + (f"; {graphs}" if s.mode == "speed" and cuda else "")
+        return "as configured" + (f"; {graphs}" if s.mode == "speed" and cuda else smaller)
     if not cuda:
         return "auto on a CPU: the recipe's layout"
     if s.mode == "speed":
         return f"auto: its estimated peak fits the GPU's free memory; {graphs}"
-    return "auto: speed's estimated peak does not fit the GPU's free memory"
+    return "auto: speed's estimated peak does not fit the GPU's free memory" + smaller
 
 
 def flops_per_token(config, seq_len: float) -> float:

@@ -38,6 +38,7 @@ class TrainResult:
     steps: int
     runtime_s: float
     metrics: dict[str, Any]
+    relaunched: bool = False  # trained by processes this one started (_scale_out), which said what they did
 
 
 class _FirstStep(TrainerCallback):
@@ -216,6 +217,8 @@ def run(cfg: RunCfg, overwrite: bool = False, force: bool = False, restart: bool
             resolve_model(cfg.model)
     prep = preflight.prepare(cfg)  # then every process at once (in turns, N processes took N times as long)
     mark("preflight")
+    if "scale_out" in prep.report:  # one GPU cannot hold this run, FSDP over some visible ones can: no model loaded
+        return _scale_out(cfg, prep.report["scale_out"], overwrite, force, restart)
     if main:
         log.info("preflight:\n%s%s", preflight.summary(prep.report, examples=console.verbose()),
                  "" if console.verbose() else "(two rendered examples: preflight.md in the run directory)")
@@ -506,6 +509,27 @@ def _save_adapter(model, weights: dict[str, torch.Tensor], out: Path) -> None:
     config.save_pretrained(str(out))
 
 
+def _scale_out(cfg: RunCfg, plan: dict[str, Any], overwrite: bool, force: bool, restart: bool) -> TrainResult:
+    """Train FSDP-sharded over `plan["processes"]` GPUs (lorapipe.launch), where train.processes was left unset and
+    preflight found that the run fits them and not one GPU: what the user would otherwise be told to rerun with.
+
+    This process has read the data and measured the GPU (preflight), and keeps its CUDA context on GPU 0 while the
+    processes train; the free memory preflight measured already excludes it. Resuming takes the same path: the same
+    config meets the same preflight, and the in-progress folder holds the FSDP run's checkpoints."""
+    from lorapipe import launch
+
+    n = plan["processes"]
+    log.info("preflight: %s: training FSDP-sharded over %d GPUs instead (train.processes unset; "
+             "--train.processes 1 keeps one GPU)", plan["why"], n)
+    wide = cfg.model_copy(deep=True)
+    wide.train.processes, wide.train.fsdp = n, True
+    code = launch.train(wide, n, overwrite=overwrite, force=force, restart=restart)
+    if code:
+        raise Stopped(f"training in {n} FSDP-sharded processes exited with code {code} (their output is above)", code)
+    m = json.loads((cfg.run_dir() / "metrics.json").read_text())
+    return TrainResult(cfg.run_dir(), m["train_loss"], m["steps"], m["runtime_s"], m, relaunched=True)
+
+
 @contextlib.contextmanager
 def _out_of_memory(prep: preflight.Prepared, when, folder: Path):
     """CUDA's out-of-memory traceback, replaced by what happened and what fits: preflight's estimate is a model
@@ -518,7 +542,7 @@ def _out_of_memory(prep: preflight.Prepared, when, folder: Path):
         return
     est, rank, dev = prep.estimate, int(os.environ.get("RANK", "0")), torch.cuda.current_device()
     gpu = f"GPU {dev}" + (f", process {rank}" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "")
-    alt = prep.alternatives()
+    alt = prep.alternatives().text
     raise OutOfMemory(
         f"CUDA out of memory {when()} ({gpu}: {torch.cuda.get_device_properties(dev).total_memory / 2**30:.1f} "
         f"GiB, {est.get('gpu_free', 0):.1f} free before loading; preflight estimated {preflight.need(est):.1f} GiB "
