@@ -218,7 +218,9 @@ def run(cfg: RunCfg, overwrite: bool = False, force: bool = False, restart: bool
     prep = preflight.prepare(cfg)  # then every process at once (in turns, N processes took N times as long)
     mark("preflight")
     if "scale_out" in prep.report:  # one GPU cannot hold this run, FSDP over some visible ones can: no model loaded
-        return _scale_out(cfg, prep.report["scale_out"], overwrite, force, restart)
+        plan = prep.report["scale_out"]
+        del prep  # the tokenized data, not held here while the processes train
+        return _scale_out(cfg, plan, overwrite, force, restart)
     if main:
         log.info("preflight:\n%s%s", preflight.summary(prep.report, examples=console.verbose()),
                  "" if console.verbose() else "(two rendered examples: preflight.md in the run directory)")
