@@ -85,14 +85,19 @@ def test_choose_modes():
     mem = choose("auto", cuda=True, fits=lambda s: s.checkpointing, **kw)
     assert (mem.mode, mem.micro_batch, mem.accum, mem.checkpointing, mem.optim) == \
         ("memory", 4, 4, True, "paged_adamw_8bit")
-    # ... or the largest smaller one that fits, with the same effective batch; never a larger one
-    low = choose("auto", cuda=True, fits=lambda s: s.checkpointing and s.micro_batch <= 3, **kw)
+    # ... unless preflight would refuse it: then the largest smaller one that fits, with the same effective batch
+    low = choose("auto", cuda=True, fits=lambda s: s.checkpointing and s.micro_batch <= 2,
+                 refused=lambda s: s.micro_batch > 3, **kw)
     assert (low.mode, low.micro_batch, low.accum) == ("memory", 2, 8)
-    assert choose("memory", cuda=True, fits=lambda s: s.micro_batch == 1, **kw).micro_batch == 1
-    assert choose("memory", cuda=True, fits=lambda s: False, **kw).micro_batch == 4  # preflight says what fits
-    assert choose("memory", cuda=True, fits=lambda s: True, batch=2, accum=8, **{k: v for k, v in kw.items()
-                                                                              if k not in ("batch", "accum")}
-                  ).micro_batch == 2
+    band = choose("auto", cuda=True, fits=lambda s: s.checkpointing and s.micro_batch <= 2,
+                  refused=lambda s: False, **kw)  # over the estimate's 90 %, not refused: as configured, warned
+    assert (band.mode, band.micro_batch) == ("memory", 4)
+    assert choose("memory", cuda=True, fits=lambda s: s.micro_batch == 1, refused=lambda s: s.micro_batch > 1,
+                  **kw).micro_batch == 1
+    assert choose("memory", cuda=True, fits=lambda s: False, refused=lambda s: s.micro_batch > 2,
+                  **kw).micro_batch == 2  # none fits: the largest that preflight would not refuse
+    assert choose("memory", cuda=True, fits=lambda s: False, refused=lambda s: True,
+                  **kw).micro_batch == 4  # none: as configured, and preflight says what would fit
     # auto keeps speed mode when a smaller micro-batch of it fits
     smaller = choose("auto", cuda=True, fits=lambda s: s.checkpointing or s.micro_batch <= 8, **kw)
     assert (smaller.mode, smaller.micro_batch, smaller.accum) == ("speed", 8, 2)
@@ -262,7 +267,8 @@ def test_preflight_says_why_auto_chose_its_layout():
     low = speed.choose("auto", cuda=True, fits=lambda s: False, **kw)
     assert low.mode == "memory" and "does not fit" in speed.reason("auto", low, True, 4)
     assert speed.reason("auto", low, True, 4) == "auto: speed's estimated peak does not fit the GPU's free memory"
-    lower = speed.choose("auto", cuda=True, fits=lambda s: s.checkpointing and s.micro_batch == 1, **kw)
+    lower = speed.choose("auto", cuda=True, fits=lambda s: s.checkpointing and s.micro_batch == 1,
+                         refused=lambda s: s.micro_batch > 1, **kw)
     assert speed.reason("auto", lower, True, 4) == ("auto: speed's estimated peak does not fit the GPU's free memory; "
                                                     "micro-batch 1, not the 4 configured: the largest that fits, "
                                                     "with the same effective batch")
@@ -445,16 +451,17 @@ def test_preflight_names_what_fits_a_gpu_this_run_does_not(tiny_cfg, tmp_path, m
     assert msg.startswith("memory: the estimated peak is") and f"GPU has {room:.1f} GiB free" in msg
     assert "speed mode" in msg and msg.endswith(f"what fits: --train.mode memory ({memory4:.1f} GiB)")
     assert preflight.need(est) > 0.9 * room
-    msg, est = short(room * 0.9, **{"train.mode": "memory"})  # 4 examples a pass no longer fit: memory mode
-    assert msg == "" and est["total"] < memory4  # lowers its micro-batch itself
-    msg, est = short(room * 0.9, **{"train.mode": "speed"})
-    assert msg.endswith(" GiB)") and "what fits: --train.mode memory (micro-batch 2, the largest that fits; " in msg
+    msg, est = short(room * 0.9, **{"train.mode": "memory"})  # 4 examples a pass no longer fit, but are not refused
+    assert "memory mode, micro-batch 4" in msg and "--train.per_device_train_batch_size 2 " \
+        "--train.gradient_accumulation_steps 8 (the same effective batch, 2 examples a forward pass" in msg, msg
     assert suggested_gib(msg) <= 0.9 * 0.9 * room
+    msg, est = short(memory4 * 0.8, **{"train.mode": "memory"})  # refused at 4: memory mode lowers it itself
+    assert msg == "" and preflight.need(est) <= 0.9 * memory4 * 0.8
     msg, est = short(1, **{"train.mode": "memory"})
     assert "memory mode, micro-batch 4" in msg  # nothing fits: the configured micro-batch's estimate is shown
     weights = est["weights"]
     msg, _ = short(weights, **{"train.mode": "memory"})  # the 4-bit base itself does not fit: shard it
-    assert "what fits: --train.processes 2 --train.fsdp true (micro-batch " in msg
+    assert "what fits: --train.processes 2 --train.fsdp true --train.per_device_train_batch_size " in msg
     assert msg.endswith("2 GPUs with this much free memory, 1 visible)") and suggested_gib(msg) <= 0.9 * weights
     msg, _ = short(weights, count=2)
     assert msg.endswith(" GiB per GPU)") and "what fits: --train.processes 2 --train.fsdp true" in msg

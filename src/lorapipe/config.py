@@ -117,7 +117,7 @@ class TrainCfg(_Section):
         "written. speed: the whole effective batch in one padding-free micro-batch (or the largest that fits), no "
         "checkpointing, cached dequantized weights, Liger kernels. memory: padding-free, checkpointing, fused loss, "
         "paged 8-bit AdamW (Llama-3-8B QLoRA in 6.4 GiB), and a smaller micro-batch (the effective batch unchanged) "
-        "where the configured one does not fit the GPU. auto: speed when it fits the GPU's free memory, else "
+        "where preflight would refuse the configured one. auto: speed when it fits the GPU's free memory, else "
         "memory; tutorial on CPU.",
     )
     cuda_graphs: bool = Field(

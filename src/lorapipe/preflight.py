@@ -97,10 +97,13 @@ def layout(cfg: RunCfg, base: str, rows: list[dict], dtype: torch.dtype
     def fits(s: speed.Setting) -> bool:
         return need(estimate(sharded(s) if t.fsdp else s)) <= 0.9 * free
 
+    def refused(s: speed.Setting) -> bool:  # prepare's refusal: even ESTIMATE_ERROR less would not fit
+        return need(estimate(sharded(s) if t.fsdp else s)) * (1 - ESTIMATE_ERROR) > free
+
     optim = t.optim if t.optim != "auto" else ("paged_adamw_32bit" if cuda else "adamw_torch")
     setting = speed.choose(t.mode, batch=t.per_device_train_batch_size, accum=t.gradient_accumulation_steps,
                            checkpointing=t.gradient_checkpointing, optim=optim, quantized=cfg.quant.load_in_4bit,
-                           cuda=cuda, fits=fits if cuda else None)
+                           cuda=cuda, fits=fits if cuda else None, refused=refused if cuda else None)
     if t.fsdp:
         if t.cuda_graphs:
             log.warning("train.cuda_graphs: not with train.fsdp (FSDP gathers each layer's shards around it, "
@@ -127,8 +130,7 @@ def layout(cfg: RunCfg, base: str, rows: list[dict], dtype: torch.dtype
 
     def alternatives() -> Fit:
         """What fits this GPU's free memory (as preflight measured it) where this run's layout does not: memory
-        mode, FSDP over more GPUs; the fewest changes first, each with its estimate. Memory mode lowers the
-        micro-batch itself where the configured one does not fit (speed.choose), so no batch flags are named."""
+        mode, smaller micro-batches, FSDP over more GPUs; the fewest changes first, each with its estimate."""
         return _alternatives(cfg, setting, world, free, optim, lambda s: need(estimate(s)), sharded)
 
     return setting, est, alternatives
@@ -152,21 +154,31 @@ def _alternatives(cfg: RunCfg, setting: speed.Setting, world: int, free: float |
         return sharded(s, n) if fsdp else speed.per_process(s, n)
 
     micro = t.per_device_train_batch_size
+    mem = memory(micro, world, t.fsdp)
+    mode = "" if t.mode in ("memory", "auto") else "--train.mode memory "
+    if setting.mode != "memory" and (g := gib(mem)) <= room:
+        return Fit(f"--train.mode memory ({g:.1f} GiB)")
 
-    def smaller(n: int, fsdp: bool) -> tuple[str, float] | None:  # memory mode's largest micro-batch that fits
-        largest = memory(micro, n, fsdp).micro_batch  # each process's share of the configured one
+    def smaller(n: int, fsdp: bool, largest: int) -> tuple[int, float] | None:  # the largest micro-batch that fits
         for m in sorted((d for d in range(1, largest + 1) if (total // n) % d == 0), reverse=True):
             if (g := gib(memory(m, n, fsdp))) <= room:
-                return ("" if m == largest else f"micro-batch {m}, the largest that fits; "), g
+                return m, g
         return None
 
-    if setting.mode != "memory" and (fit := smaller(world, t.fsdp)) is not None:
-        return Fit(f"--train.mode memory ({fit[0]}{fit[1]:.1f} GiB)")
-    mode = "" if t.mode in ("memory", "auto") else "--train.mode memory "
+    def batch(m: int) -> str:
+        return f"--train.per_device_train_batch_size {m} --train.gradient_accumulation_steps {total // m}"
+
+    if (fit := smaller(world, t.fsdp, mem.micro_batch - 1)) is not None:
+        m, g = fit
+        return Fit(f"{mode}{batch(m)} (the same effective batch, {m} example{'s' * (m > 1)} a forward pass; "
+                   f"{g:.1f} GiB)")
     gpus = torch.cuda.device_count()
     for n in range(world + 1 if t.fsdp else 2, 9):  # sharded over more GPUs: the fewest that hold it
-        if total % n == 0 and (fit := smaller(n, True)) is not None:
-            return Fit(f"{mode}--train.processes {n} --train.fsdp true ({fit[0]}{fit[1]:.1f} GiB per GPU" + (
+        if total % n == 0 and (fit := smaller(n, True, micro)) is not None:
+            m, g = fit
+            flags = f"{mode}--train.processes {n} --train.fsdp true" + (
+                f" {batch(m)}" if m < memory(micro, n, True).micro_batch else "")
+            return Fit(f"{flags} ({g:.1f} GiB per GPU" + (
                 ")" if n <= gpus else f"; {n} GPUs with this much free memory, {gpus} visible)"), n if n <= gpus else 0)
     return Fit("a GPU with more free memory: not even FSDP over 8 such GPUs holds it")
 
