@@ -109,7 +109,9 @@ def test_choose_modes():
 
 
 def test_memory_estimate_tracks_the_h200_measurements():
-    """The estimate against peaks measured on an H200 (BENCHMARKS.md): within 20 % for every recorded setting."""
+    """The estimate against peaks measured on H200s and an H100 (BENCHMARKS.md): within 20 % for every recorded
+    setting; the Llama-3-8B memory mode at examples of 3,000-4,095 tokens within 10 % (whole logits counted, it was
+    28-38 % above)."""
     import dataclasses
 
     from transformers import LlamaConfig
@@ -122,19 +124,23 @@ def test_memory_estimate_tracks_the_h200_measurements():
                 ("llama3-8b", "speed", 10, None, 44.78), ("llama3-8b", "memory", 8, 512, 6.44),
                 ("tinyllama-1.1b", "speed+graphs", 40, None, 12.44), ("tinyllama-1.1b", "speed+mgraphs", 30, None, 11.96),
                 ("llama3-70b", "memory", 4, None, 40.35)]
-    for shape, name, steps, fixed, peak in measured:
+    long = [("llama3-8b", "memory", 4, (3000, 4095), 12.10), ("llama3-8b", "memory", 4, (3000, 4095), 8.95)]
+    for i, (shape, name, steps, fixed, peak) in enumerate(measured + long):
         h, inter, layers, heads, kv, vocab = SHAPES[shape]
         config = LlamaConfig(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers,
                              num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab)
         s = settings()[name]
         s = dataclasses.replace(s, liger=name != "tutorial")  # the H200 runs had Liger installed
-        rows = _synthetic_data(16 * steps, vocab, 0, fixed or 64, fixed or 512)
+        if fixed and not isinstance(fixed, int):  # 64 examples of a length range, micro-batch 4 then 2 (H100)
+            s = dataclasses.replace(s, micro_batch=4 if peak > 10 else 2)
+        lo, hi = (fixed, fixed) if isinstance(fixed, int) else fixed or (64, 512)
+        rows = _synthetic_data(16 * steps, vocab, 0, lo, hi)
         tokens = micro_tokens([len(r["input_ids"]) for r in rows], s.micro_batch, s.padding_free,
                               BUCKET if s.compile else 0)
         share = sum(sum(r["completion_mask"]) for r in rows) / sum(len(r["input_ids"]) for r in rows)
         est = estimate_memory(config, s, tokens, quantized=True, dtype_bytes=2, r=16, loss_share=share,
                               targets=["q_proj", "k_proj", "v_proj", "o_proj"])["total"]
-        assert abs(est / peak - 1) <= 0.2, (shape, name, est, peak)
+        assert abs(est / peak - 1) <= (0.2 if i < len(measured) else 0.1), (shape, name, est, peak)
 
 
 @pytest.mark.slow
@@ -456,7 +462,7 @@ def test_preflight_names_what_fits_a_gpu_this_run_does_not(tiny_cfg, tmp_path, m
         "--train.gradient_accumulation_steps 8 (the same effective batch, 2 examples a forward pass" in msg, msg
     assert suggested_gib(msg) <= 0.9 * 0.9 * room
     msg, est = short(memory4 * 0.8, **{"train.mode": "memory"})  # refused at 4: memory mode lowers it itself
-    assert msg == "" and preflight.need(est) <= 0.9 * memory4 * 0.8
+    assert "micro-batch 4" not in msg and preflight.need(est) < memory4 and preflight.need(est) * 0.85 <= memory4 * 0.8
     msg, est = short(1, **{"train.mode": "memory"})
     assert "memory mode, micro-batch 4" in msg  # nothing fits: the configured micro-batch's estimate is shown
     weights = est["weights"]
