@@ -124,15 +124,16 @@ def test_memory_estimate_tracks_the_h200_measurements():
                 ("llama3-8b", "speed", 10, None, 44.78), ("llama3-8b", "memory", 8, 512, 6.44),
                 ("tinyllama-1.1b", "speed+graphs", 40, None, 12.44), ("tinyllama-1.1b", "speed+mgraphs", 30, None, 11.96),
                 ("llama3-70b", "memory", 4, None, 40.35)]
-    long = [("llama3-8b", "memory", 4, (3000, 4095), 12.10), ("llama3-8b", "memory", 4, (3000, 4095), 8.95)]
-    for i, (shape, name, steps, fixed, peak) in enumerate(measured + long):
+    long = {4: 12.10, 2: 8.95}  # micro-batch: peak, Llama-3-8B memory mode, 64 examples of 3,000-4,095 tokens (H100)
+    long_rows = [("llama3-8b", "memory", 4, (3000, 4095), peak) for peak in long.values()]
+    for i, (shape, name, steps, fixed, peak) in enumerate(measured + long_rows):
         h, inter, layers, heads, kv, vocab = SHAPES[shape]
         config = LlamaConfig(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers,
                              num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab)
         s = settings()[name]
         s = dataclasses.replace(s, liger=name != "tutorial")  # the H200 runs had Liger installed
-        if fixed and not isinstance(fixed, int):  # 64 examples of a length range, micro-batch 4 then 2 (H100)
-            s = dataclasses.replace(s, micro_batch=4 if peak > 10 else 2)
+        if i >= len(measured):
+            s = dataclasses.replace(s, micro_batch=next(m for m, p in long.items() if p == peak))
         lo, hi = (fixed, fixed) if isinstance(fixed, int) else fixed or (64, 512)
         rows = _synthetic_data(16 * steps, vocab, 0, lo, hi)
         tokens = micro_tokens([len(r["input_ids"]) for r in rows], s.micro_batch, s.padding_free,

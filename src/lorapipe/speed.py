@@ -544,9 +544,9 @@ def choose(mode: str, *, batch: int, accum: int, checkpointing: bool, optim: str
     `refused(setting) -> bool` whether preflight would refuse it (even somewhat less than its estimate would not fit).
 
     Memory mode keeps the configured micro-batch unless that would be refused. Between the two (the estimate does
-    not fit, a little less would) preflight warns and the run goes on as configured: there, at the Llama-3-8B
-    shape, the estimate was 9.5 % above the peak measured and the run fitted, and a smaller micro-batch would have
-    cost speed for nothing."""
+    not fit, a little less would) preflight warns and the run goes on as configured: the estimate is a model, the
+    Llama-3-8B runs measured there fitted, and a smaller micro-batch costs speed (2 x 8 trained at 0.77x the tokens/s
+    of 4 x 4 with examples of 3,000-4,095 tokens; BENCHMARKS.md, "Long examples")."""
     kw = dict(batch=batch, accum=accum, checkpointing=checkpointing, optim=optim, quantized=quantized, cuda=cuda)
     if mode == "auto":
         if not cuda:
@@ -582,7 +582,7 @@ def choose(mode: str, *, batch: int, accum: int, checkpointing: bool, optim: str
 
 def reason(requested: str, s: Setting, cuda: bool, batch: int = 0) -> str:
     """Why the run has the layout it has, in a few words (preflight's layout line); `batch`: each process's
-    micro-batch as configured, which memory mode lowers where that does not fit."""
+    micro-batch as configured, which memory mode lowers where preflight would refuse it."""
     if s.shards > 1:
         return (f"FSDP over {s.shards} GPUs (train.fsdp): the 4-bit base, LoRA and its optimizer state sharded, "
                 f"{requested} mode's batch layout"

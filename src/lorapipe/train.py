@@ -516,8 +516,9 @@ def _scale_out(cfg: RunCfg, plan: dict[str, Any], overwrite: bool, force: bool, 
     preflight found that the run fits them and not one GPU: what the user would otherwise be told to rerun with.
 
     This process has read the data and measured the GPU (preflight), and keeps its CUDA context on GPU 0 while the
-    processes train (518 MiB on an H100 with the GPU set); the free memory preflight measured already excludes it. Resuming takes the same path: the same
-    config meets the same preflight, and the in-progress folder holds the FSDP run's checkpoints."""
+    processes train (518 MiB on an H100 with the GPU set); the free memory preflight measured already excludes it.
+    Resuming takes the same path: the same config meets the same preflight, and the in-progress folder holds the
+    FSDP run's checkpoints."""
     from lorapipe import launch
 
     n = plan["processes"]
