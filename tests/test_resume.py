@@ -235,3 +235,23 @@ def test_a_save_is_sealed_beside_training_and_its_failure_is_raised(tmp_path, mo
     with pytest.raises(OSError, match="No space left"):
         saver.wait()
     saver.wait()  # raised once
+
+
+def test_an_unset_train_processes_matches_what_it_meant_when_the_run_was_trained(tiny_cfg):
+    """Unset, train.processes is 1, or FSDP over the GPUs preflight chose where one GPU could not hold the run: a run
+    saved with 1 (the old default) or unset resumes; a finished scaled-out run counts as the same config for `lorapipe
+    run`; an interrupted FSDP run, whose sharded checkpoints resume only sharded, does not, nor does a changed field."""
+    from lorapipe.checkpoint import config_changes
+
+    cfg = tiny_cfg()
+    saved = cfg.model_dump(mode="json")
+    for recorded in (None, 1):
+        saved["train"]["processes"] = recorded
+        assert config_changes(saved, cfg) == [] and config_changes(saved, cfg, finished=True) == []
+    saved["train"].update(processes=2, fsdp=True)  # what train._scale_out ran
+    assert config_changes(saved, cfg, finished=True) == []
+    assert config_changes(saved, cfg) == ["train.fsdp: True in the run, False now",
+                                          "train.processes: 2 in the run, None now"]
+    saved["train"].update(processes=2, fsdp=False)  # data-parallel, chosen by the user
+    assert config_changes(saved, cfg, finished=True) == ["train.processes: 2 in the run, None now"]
+    assert config_changes(saved, tiny_cfg(**{"train.processes": 2})) == []

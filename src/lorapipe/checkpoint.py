@@ -124,12 +124,22 @@ def training_fields(cfg: dict[str, Any]) -> dict[str, Any]:
     return {f"{s}.{k}": v for s in SECTIONS for k, v in (cfg.get(s) or {}).items() if f"{s}.{k}" not in FREE}
 
 
-def config_changes(old_cfg: dict[str, Any], cfg: RunCfg) -> list[str]:
+def config_changes(old_cfg: dict[str, Any], cfg: RunCfg, finished: bool = False) -> list[str]:
     """The training fields in which a run's saved config differs from `cfg` (an unresolved data.format 'auto'
-    matches the format train resolved)."""
+    matches the format train resolved).
+
+    An unset train.processes matches 1 (its meaning, and the default before it could be unset). For a `finished`
+    run it also matches the FSDP layout train chose where one GPU could not hold the run (train._scale_out): `lorapipe
+    run` again skips that training. An interrupted FSDP run does not match it: its sharded checkpoints resume only
+    in the FSDP layout, which the same preflight chooses again (the processes then compare their own config)."""
     old, new = training_fields(old_cfg), training_fields(cfg.model_dump(mode="json"))
     if new.get("data.format") == "auto":
         new["data.format"] = old.get("data.format")
+    if new.get("train.processes") is None:
+        scaled = finished and bool(old.get("train.fsdp")) and (old.get("train.processes") or 1) > 1
+        if scaled or old.get("train.processes") in (None, 1):
+            new["train.processes"] = old.get("train.processes")
+            new["train.fsdp"] = old.get("train.fsdp") if scaled else new.get("train.fsdp")
     return [f"{k}: {old.get(k)!r} in the run, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
             if old.get(k) != new.get(k)]
 

@@ -61,7 +61,8 @@ def run(cfg: RunCfg, serve: bool = False, force: bool = False, restart: bool = F
     manifest_path = run_dir / MANIFEST
     trained = (run_dir / "adapter" / "adapter_config.json").is_file() and (run_dir / "metrics.json").is_file()
     if trained and not restart:
-        changed = checkpoint.config_changes(yaml.safe_load((run_dir / "config.yaml").read_text()) or {}, cfg)
+        changed = checkpoint.config_changes(yaml.safe_load((run_dir / "config.yaml").read_text()) or {}, cfg,
+                                            finished=True)
         if changed:
             raise UserError(f"{run_dir / 'config.yaml'}: this run was trained with another config:\n    "
                             + "\n    ".join(changed) + "\n  pick another name, or pass --restart to train it again")
