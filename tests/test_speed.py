@@ -512,17 +512,20 @@ def test_preflight_refuses_only_what_would_not_fit_even_below_its_estimate(tiny_
 
 def test_an_unset_train_processes_becomes_fsdp_over_the_visible_gpus_where_one_does_not_hold_the_run(
         tiny_cfg, monkeypatch):
-    """Where one GPU cannot hold the run (auto or memory mode) and FSDP over some of the visible GPUs can, a run
-    whose train.processes is unset trains FSDP-sharded over the fewest of them (preflight says so); set to 1, or
-    in a mode the user chose otherwise, it is refused with the same suggestion, as before."""
+    """Where one GPU cannot hold the run (auto or memory mode: preflight would refuse it) and FSDP over some of the
+    visible GPUs can, a run whose train.processes is unset trains FSDP-sharded over the fewest of them (preflight
+    says so); set to 1, or in a mode the user chose otherwise, it is refused with the same suggestion, as before.
+    Where one GPU is only warned about, it stays on one GPU."""
     from lorapipe import preflight
 
     real = preflight.layout
     fit = preflight.Fit("--train.processes 2 --train.fsdp true (4.0 GiB per GPU)", 2)
 
+    free = {"gib": 6.0}
+
     def layout(cfg, base, rows, dtype):
         setting, est, _ = real(cfg, base, rows, dtype)  # the tiny model's layout on CPU, then a GPU's figures
-        return setting, dict(est, total=10.0, gpu_free=6.0), lambda: fit
+        return setting, dict(est, total=10.0, gpu_free=free["gib"]), lambda: fit
 
     monkeypatch.setattr(preflight, "layout", layout)
     prep = preflight.prepare(tiny_cfg())
@@ -535,6 +538,10 @@ def test_an_unset_train_processes_becomes_fsdp_over_the_visible_gpus_where_one_d
         prep = preflight.prepare(tiny_cfg(**over))
         assert "scale_out" not in prep.report and prep.report["problems"] == [
             preflight._short_of_memory(prep.estimate, prep.setting, prep.alternatives)], over
+    free["gib"] = 10.5  # over 90 %, but not refused: one GPU, with the warning, as on a machine with one GPU
+    prep = preflight.prepare(tiny_cfg())
+    assert "scale_out" not in prep.report and prep.report["problems"] == []
+    free["gib"] = 6.0
     monkeypatch.setenv("WORLD_SIZE", "2")  # inside the launch: its own layout, never a second one
     assert "scale_out" not in preflight.prepare(tiny_cfg()).report
     monkeypatch.delenv("WORLD_SIZE")

@@ -133,8 +133,8 @@ class TrainCfg(_Section):
         "effective batch stays per_device_train_batch_size x gradient_accumulation_steps as configured: each "
         "process takes its share. Unset: 1, because on 2 H200s the default SmolLM2-135M trained slower in 2 "
         "processes (7.2-7.9k vs 9.6k tokens/s) and a Llama-3-8B shape 1.16x faster in its loop but slower end to "
-        "end; but when preflight finds that the run (auto or memory mode) does not fit one GPU's free memory and "
-        "FSDP over some of the visible GPUs does, it trains FSDP-sharded over the fewest of them that fit, as if "
+        "end; but when preflight would refuse the run (auto or memory mode) on one GPU for its memory and FSDP over "
+        "some of the visible GPUs fits, it trains FSDP-sharded over the fewest of them that fit, as if "
         "given --train.processes N --train.fsdp true. Set 1 to keep one GPU. On CPU, more than 1 runs gloo.")
     fsdp: bool = Field(
         False, description="With train.processes N on N GPUs: shard the 4-bit base, the LoRA weights, their "

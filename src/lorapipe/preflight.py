@@ -329,10 +329,11 @@ def prepare(cfg: RunCfg) -> Prepared:
                         f"data.max_length={cfg.data.max_length} (allowed: data.max_response_lost_share="
                         f"{cfg.data.max_response_lost_share}); raise data.max_length or shorten the prompts")
     short = _short_of_memory(estimate, setting, alternatives)
-    if short and cfg.train.processes is None and not os.environ.get("WORLD_SIZE") and t.mode in ("auto", "memory") \
+    refused = short and need(estimate) * (1 - ESTIMATE_ERROR) > estimate["gpu_free"]
+    if refused and cfg.train.processes is None and not os.environ.get("WORLD_SIZE") and t.mode in ("auto", "memory") \
             and (gpus := alternatives().processes):  # FSDP over visible GPUs holds what one GPU does not: train so
         report["scale_out"] = {"processes": gpus, "why": short}
-    elif short and need(estimate) * (1 - ESTIMATE_ERROR) > estimate["gpu_free"]:
+    elif refused:
         problems.append(short)
     elif short and int(os.environ.get("LOCAL_RANK", "0")) == 0:
         log.warning("%s; it may still fit (the estimate has been within %d %% of the peaks measured)", short,
