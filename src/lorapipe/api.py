@@ -49,17 +49,12 @@ def train(config: str | Path | RunCfg | None = None, *, overwrite: bool = False,
     launches torchrun like the CLI and reads the finished run back. -> TrainResult."""
     from lorapipe import launch
     from lorapipe import train as train_mod
-    from lorapipe.errors import UserError
 
     cfg = resolve(config, overrides, **kw)
     n = launch.wanted(cfg)
     if not n:
         return train_mod.run(cfg, overwrite=overwrite, force=force, restart=restart)
-    code = launch.train(cfg, n, overwrite=overwrite, force=force, restart=restart)
-    if code:
-        raise UserError(f"training in {n} processes exited with code {code}; see its output above")
-    m = json.loads((cfg.run_dir() / "metrics.json").read_text())
-    return train_mod.TrainResult(cfg.run_dir(), m["train_loss"], m["steps"], m["runtime_s"], m)
+    return train_mod.launched(cfg, n, overwrite=overwrite, force=force, restart=restart)
 
 
 def merge(run: str | Path, dtype: str = "float32", overwrite: bool = False):

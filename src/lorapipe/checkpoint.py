@@ -139,7 +139,8 @@ def config_changes(old_cfg: dict[str, Any], cfg: RunCfg, finished: bool = False)
         scaled = finished and bool(old.get("train.fsdp")) and (old.get("train.processes") or 1) > 1
         if scaled or old.get("train.processes") in (None, 1):
             new["train.processes"] = old.get("train.processes")
-            new["train.fsdp"] = old.get("train.fsdp") if scaled else new.get("train.fsdp")
+        if scaled:
+            new["train.fsdp"] = old.get("train.fsdp")
     return [f"{k}: {old.get(k)!r} in the run, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
             if old.get(k) != new.get(k)]
 

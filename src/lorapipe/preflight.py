@@ -10,6 +10,7 @@ marked, the layout of the step (train.mode) with its estimated peak memory, and 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -94,11 +95,14 @@ def layout(cfg: RunCfg, base: str, rows: list[dict], dtype: torch.dtype
         on_cpu = t.fsdp_loading == "cpu" or (t.fsdp_loading == "auto" and estimate(s)["loading"] > 0.9 * free)
         return dataclasses.replace(s, cpu_loading=on_cpu)
 
+    def peak(s: speed.Setting) -> float:
+        return need(estimate(sharded(s) if t.fsdp else s))
+
     def fits(s: speed.Setting) -> bool:
-        return need(estimate(sharded(s) if t.fsdp else s)) <= 0.9 * free
+        return peak(s) <= 0.9 * free
 
     def refused(s: speed.Setting) -> bool:  # prepare's refusal: even ESTIMATE_ERROR less would not fit
-        return need(estimate(sharded(s) if t.fsdp else s)) * (1 - ESTIMATE_ERROR) > free
+        return peak(s) * (1 - ESTIMATE_ERROR) > free
 
     optim = t.optim if t.optim != "auto" else ("paged_adamw_32bit" if cuda else "adamw_torch")
     setting = speed.choose(t.mode, batch=t.per_device_train_batch_size, accum=t.gradient_accumulation_steps,
@@ -128,6 +132,7 @@ def layout(cfg: RunCfg, base: str, rows: list[dict], dtype: torch.dtype
                         est["cpu_loading_ram"], ram)
         _warn_if_not_kept(cfg, base, dtype, est["cpu_loading_ram"] / 1.05, here)
 
+    @functools.cache  # asked for the message and for the scale-out, and again on CUDA's out-of-memory error
     def alternatives() -> Fit:
         """What fits this GPU's free memory (as preflight measured it) where this run's layout does not: memory
         mode, smaller micro-batches, FSDP over more GPUs; the fewest changes first, each with its estimate."""

@@ -8,6 +8,7 @@ the next `lorapipe train` of the same config resumes from its last whole checkpo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -519,18 +520,26 @@ def _scale_out(cfg: RunCfg, plan: dict[str, Any], overwrite: bool, force: bool, 
     processes train (518 MiB on an H100 with the GPU set); the free memory preflight measured already excludes it.
     Resuming takes the same path: the same config meets the same preflight, and the in-progress folder holds the
     FSDP run's checkpoints."""
-    from lorapipe import launch
-
     n = plan["processes"]
     log.info("preflight: %s: training FSDP-sharded over %d GPUs instead (train.processes unset; "
              "--train.processes 1 keeps one GPU)", plan["why"], n)
     wide = cfg.model_copy(deep=True)
     wide.train.processes, wide.train.fsdp = n, True
-    code = launch.train(wide, n, overwrite=overwrite, force=force, restart=restart)
+    return dataclasses.replace(launched(wide, n, overwrite, force, restart), relaunched=True)
+
+
+def launched(cfg: RunCfg, n: int, overwrite: bool = False, force: bool = False, restart: bool = False
+             ) -> TrainResult:
+    """`cfg` trained in `n` processes under torchrun (lorapipe.launch), its finished run read back; a launch that
+    failed or stopped raises Stopped with its exit code (the processes have said why)."""
+    from lorapipe import launch
+
+    code = launch.train(cfg, n, overwrite=overwrite, force=force, restart=restart)
     if code:
-        raise Stopped(f"training in {n} FSDP-sharded processes exited with code {code} (their output is above)", code)
+        raise Stopped(f"training in {n} {'FSDP-sharded ' if cfg.train.fsdp else ''}processes exited with code {code} "
+                      "(their output is above)", code)
     m = json.loads((cfg.run_dir() / "metrics.json").read_text())
-    return TrainResult(cfg.run_dir(), m["train_loss"], m["steps"], m["runtime_s"], m, relaunched=True)
+    return TrainResult(cfg.run_dir(), m["train_loss"], m["steps"], m["runtime_s"], m)
 
 
 @contextlib.contextmanager
