@@ -38,6 +38,31 @@ def test_e2e_effective_batch_is_set_for_every_setting(tmp_path):
         assert (cfg["train"]["per_device_train_batch_size"], cfg["train"]["gradient_accumulation_steps"]) == layout
 
 
+def test_e2e_lengths_and_unset_processes(tmp_path):
+    """`--lengths 600-700`: the data's examples are that long and data.max_length holds them (none truncated); the
+    default range keeps its data file and max_length. A setting without `:N` leaves train.processes unset, as a user
+    does; `:N` sets it."""
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from lorapipe import bench_e2e
+    from lorapipe.errors import UserError
+
+    cfg = yaml.safe_load(bench_e2e.setup("tiny", tmp_path, 8, lengths=bench_e2e.parse_lengths("600-700")).read_text())
+    rows = [json.loads(line) for line in Path(cfg["data"]["source"]).read_text().splitlines()]
+    words = [len((r["prompt"] + r["completion"]).split()) for r in rows]
+    assert len(rows) == 8 and min(words) >= 599 and max(words) <= 699 and cfg["data"]["max_length"] == 701
+    default = yaml.safe_load(bench_e2e.setup("tiny", tmp_path, 8).read_text())
+    assert default["data"]["max_length"] == 512 and default["data"]["source"].endswith("data-tiny-8.jsonl")
+    for bad in ("4095-3000", "3000", "a-b", "4-8"):
+        with pytest.raises(UserError, match="--lengths: cannot read"):
+            bench_e2e.parse_lengths(bad)
+    assert bench_e2e.parse_setting("auto")[1] == {"train.mode": "auto"}
+    assert bench_e2e.parse_setting("memory:2")[1] == {"train.mode": "memory", "train.processes": "2"}
+
+
 @pytest.mark.slow
 def test_e2e_runs_the_cli_per_setting_and_counts_real_tokens_alike(tmp_path, capsys):
     """`bench train --e2e` runs `lorapipe train` itself per setting: the padded tutorial batches and the padding-free
@@ -59,7 +84,7 @@ def test_e2e_runs_the_cli_per_setting_and_counts_real_tokens_alike(tmp_path, cap
     tut, fast = rows
     assert "error" not in tut and "error" not in fast, rows
     assert (tut["mode"], tut["layout"], fast["mode"], fast["layout"]) == ("tutorial", "4x4", "speed", "16x1")
-    assert tut["steps"] == fast["steps"] == 1
+    assert tut["steps"] == fast["steps"] == 1 and tut["processes"] == fast["processes"] == 1  # unset: one process
     assert tut["tokens"] == fast["tokens"] > 16 * 64  # 16 examples of at least 64 tokens, no padding counted
     assert fast["loss_diff_pct"] < 1.0
     for r in rows:

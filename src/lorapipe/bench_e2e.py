@@ -15,7 +15,12 @@ CLI verb in a fresh process per setting and reads what that run wrote (metrics.j
 
 Settings: a train.mode (tutorial, speed, memory, auto), optionally `+graphs` (train.cuda_graphs), `+fsdp`
 (train.fsdp) or `+fsdp-cpu` (train.fsdp, the base quantized in CPU memory: train.fsdp_loading cpu), and `:N` (N
-processes, train.processes), e.g. `tutorial,auto,speed:2,memory+fsdp:2`. The first row is the reference.
+processes, train.processes), e.g. `tutorial,auto,speed:2,memory+fsdp:2`. Without `:N`, train.processes stays unset,
+as a user leaves it: one GPU, unless `auto` or `memory` would be refused there and FSDP over the visible GPUs fits.
+The first row is the reference.
+
+Examples are 64-511 tokens by default; `lengths` (`--lengths 3000-4095`) sets another range, with data.max_length
+raised to hold the longest. Long examples are where a step is mostly token work (BENCHMARKS.md, "Long examples").
 """
 
 from __future__ import annotations
@@ -35,14 +40,17 @@ MODES = ("tutorial", "speed", "memory", "auto")
 
 def parse_setting(text: str) -> tuple[str, dict[str, str]]:
     """'speed+graphs:2' -> ('speed+graphs:2', {train.mode: speed, train.cuda_graphs: true, train.processes: 2});
-    'memory+fsdp:2' -> train.fsdp true; 'memory+fsdp-cpu:2' -> also train.fsdp_loading cpu."""
+    'memory+fsdp:2' -> train.fsdp true; 'memory+fsdp-cpu:2' -> also train.fsdp_loading cpu; 'auto' -> train.processes
+    left unset (the user's default)."""
     head, _, procs = text.partition(":")
     mode, _, extra = head.partition("+")
     if mode not in MODES or extra not in ("", "graphs", "fsdp", "fsdp-cpu") or (procs and not procs.isdigit()) \
             or procs == "0":
         raise UserError(f"--settings: cannot read '{text}'; write MODE[+graphs|+fsdp|+fsdp-cpu][:PROCESSES] with "
                         f"MODE one of {', '.join(MODES)} (e.g. tutorial,auto,speed:2,memory+fsdp:2)")
-    out = {"train.mode": mode, "train.processes": procs or "1"}
+    out = {"train.mode": mode}
+    if procs:
+        out["train.processes"] = procs
     if extra:
         out["train.cuda_graphs" if extra == "graphs" else "train.fsdp"] = "true"
     if extra == "fsdp-cpu":
@@ -54,7 +62,20 @@ def _words(rng: random.Random, n: int, vocab: int) -> str:
     return " ".join(f"t{rng.randrange(3, vocab)}" for _ in range(n))
 
 
-def setup(shape: str, workdir: Path, examples: int, seed: int = 0, batch: int | None = None) -> Path:
+LENGTHS = (64, 511)
+
+
+def parse_lengths(text: str) -> tuple[int, int]:
+    """'3000-4095' -> (3000, 4095): the words (tokens) per example of the random shapes' data."""
+    lo, _, hi = text.partition("-")
+    if not (lo.isdigit() and hi.isdigit() and 8 <= int(lo) <= int(hi)):
+        raise UserError(f"--lengths: cannot read '{text}'; write MIN-MAX tokens per example, 8 <= MIN <= MAX "
+                        f"(e.g. 3000-4095; default {LENGTHS[0]}-{LENGTHS[1]})")
+    return int(lo), int(hi)
+
+
+def setup(shape: str, workdir: Path, examples: int, seed: int = 0, batch: int | None = None,
+          lengths: tuple[int, int] = LENGTHS) -> Path:
     """A config for `lorapipe train`: the base (random weights of a bench shape, or the embedded SmolLM2) and its
     data, reused when already in `workdir`. Random shapes get prompt/completion examples of 64-511 words of their
     word-level tokenizer (one token each, ~30 % prompt); SmolLM2 gets lorapipe's shipped training set. `batch`: the
@@ -75,18 +96,22 @@ def setup(shape: str, workdir: Path, examples: int, seed: int = 0, batch: int | 
         model_dir = workdir / f"model-{shape}"
         if not (model_dir / "config.json").is_file():
             bench._random_model_dir(shape, model_dir)
-        data = workdir / f"data-{shape}-{examples}.jsonl"
+        lo, hi = lengths
+        data = workdir / (f"data-{shape}-{examples}.jsonl" if lengths == LENGTHS
+                          else f"data-{shape}-{examples}-{lo}-{hi}.jsonl")
         if not data.is_file():
             rng = random.Random(seed)
             vocab = bench.SHAPES[shape][5]
             with data.open("w") as f:
                 for _ in range(examples):
-                    n = rng.randint(64, 511)
+                    n = rng.randint(lo, hi)
                     cut = max(1, int(n * 0.3))
                     # the prompt ends with a space: glued to the completion's first word it would be one unknown
                     f.write(json.dumps({"prompt": _words(rng, cut, vocab) + " ",
                                         "completion": _words(rng, n - cut - 1, vocab)}) + "\n")
         over.update({"model.name_or_path": str(model_dir.resolve()), "data.source": str(data.resolve())})
+        if hi + 1 > load_config(None).data.max_length:  # n words and the EOS
+            over["data.max_length"] = hi + 1
     cfg_path.write_text(dump_config(load_config(None, over)))
     return cfg_path
 
@@ -109,14 +134,14 @@ def run_setting(label: str, overrides: dict[str, str], cfg_path: Path, workdir: 
         code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
     wall = time.perf_counter() - t0
     run_dir = workdir / "runs" / name
-    row: dict[str, Any] = {"setting": label, "processes": int(overrides["train.processes"]),
+    row: dict[str, Any] = {"setting": label, "processes": int(overrides.get("train.processes", 1)),
                            "wall_s": round(wall, 1)}
     if code or not (run_dir / "metrics.json").is_file():
         row["error"] = f"exit {code}: " + log.read_text()[-300:].replace("\n", " | ")
         return row
     m = json.loads((run_dir / "metrics.json").read_text())
     before = round(m["loop_started_unix"] - t0_unix, 1)  # the command's start, a launching parent included
-    row.update(before_loop_s=before, first_step_s=m.get("first_step_s"), loop_s=m["runtime_s"],
+    row.update(processes=m.get("processes", row["processes"]), before_loop_s=before, first_step_s=m.get("first_step_s"), loop_s=m["runtime_s"],
                after_loop_s=round(wall - before - m["runtime_s"], 1), steps=m["steps"],
                tokens=m["tokens_seen"], tokens_per_s=m["tokens_per_s"],
                layout=f"{m['layout'].get('micro_batch')}x{m['layout'].get('accum')}", final_loss=None,
@@ -130,12 +155,13 @@ def run_setting(label: str, overrides: dict[str, str], cfg_path: Path, workdir: 
     return row
 
 
-def run(shape: str, settings: list[str], examples: int, workdir: Path, batch: int | None = None) -> list[dict[str, Any]]:
+def run(shape: str, settings: list[str], examples: int, workdir: Path, batch: int | None = None,
+        lengths: tuple[int, int] = LENGTHS) -> list[dict[str, Any]]:
     """Every setting on the same config and data; ratios and loss differences against the first row."""
     from lorapipe.config import load_config
 
     parsed = [parse_setting(s) for s in settings]  # every setting read before anything runs
-    cfg_path = setup(shape, workdir, examples, batch=batch)
+    cfg_path = setup(shape, workdir, examples, batch=batch, lengths=lengths)
     t = load_config(cfg_path).train
     effective = t.per_device_train_batch_size * t.gradient_accumulation_steps
     rows = []
@@ -156,7 +182,7 @@ def run(shape: str, settings: list[str], examples: int, workdir: Path, batch: in
 
     for r in rows:
         r.pop("_losses", None)
-        r.update(shape=shape, examples=examples, batch=effective, device=device_summary(),
+        r.update(shape=shape, examples=examples, lengths=f"{lengths[0]}-{lengths[1]}", batch=effective, device=device_summary(),
                  date=time.strftime("%Y-%m-%d"))
     return rows
 
@@ -168,7 +194,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
     m = rows[0]
-    table = Table(title=f"`lorapipe train` end to end: {m['shape']}, {m['examples']} examples, effective batch "
+    table = Table(title=f"`lorapipe train` end to end: {m['shape']}, {m['examples']} examples "
+                  f"({m['lengths']} tokens), effective batch "
                   f"{m['batch']}, on {m['device']}, "
                   f"{m['date']} (first row: the reference)")
     cols = ["setting", "mode", "processes", "layout", "steps", "wall_s", "wall_vs_first", "before_loop_s",

@@ -213,7 +213,8 @@ def cmd_bench(ns: argparse.Namespace) -> None:
         work = Path(ns.workdir or tempfile.mkdtemp(prefix="lorapipe-bench-e2e-"))
         shape = ns.shapes or ("tiny" if ns.tiny else "tinyllama-1.1b")
         rows = bench_e2e.run(shape, (ns.settings or "tutorial,auto").split(","),
-                             ns.examples or (64 if ns.tiny else 2000), work, batch=ns.batch)
+                             ns.examples or (64 if ns.tiny else 2000), work, batch=ns.batch,
+                             lengths=bench_e2e.parse_lengths(ns.lengths) if ns.lengths else bench_e2e.LENGTHS)
         bench_e2e.print_table(rows)
         if ns.json:
             from lorapipe.runs import write_json
@@ -432,6 +433,8 @@ VERBS = {
         p.add_argument("--examples", type=int, default=None, help="train --e2e: training examples (2000; --tiny 64)"),
         p.add_argument("--batch", type=int, default=None, help="train --e2e: effective batch of every setting "
                        "(default 16: 4 x 4)"),
+        p.add_argument("--lengths", default=None, help="train --e2e: tokens per example of the random shapes' "
+                       "data, MIN-MAX (default 64-511; e.g. 3000-4095, data.max_length raised to hold them)"),
         p.add_argument("--steps", type=int, default=12, help="train/parity: optimizer steps per setting"),
         p.add_argument("--fixed-len", type=int, default=None, help="train: every example this many tokens "
                        "(default: 64-512)"),
