@@ -59,6 +59,8 @@ def test_e2e_lengths_and_unset_processes(tmp_path):
     for bad in ("4095-3000", "3000", "a-b", "4-8"):
         with pytest.raises(UserError, match="--lengths: cannot read"):
             bench_e2e.parse_lengths(bad)
+    with pytest.raises(UserError, match="shipped data"):
+        bench_e2e.setup("smollm2-135m", tmp_path, 8, lengths=(100, 200))
     assert bench_e2e.parse_setting("auto")[1] == {"train.mode": "auto"}
     assert bench_e2e.parse_setting("memory:2")[1] == {"train.mode": "memory", "train.processes": "2"}
 

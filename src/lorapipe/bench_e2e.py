@@ -77,8 +77,9 @@ def parse_lengths(text: str) -> tuple[int, int]:
 def setup(shape: str, workdir: Path, examples: int, seed: int = 0, batch: int | None = None,
           lengths: tuple[int, int] = LENGTHS) -> Path:
     """A config for `lorapipe train`: the base (random weights of a bench shape, or the embedded SmolLM2) and its
-    data, reused when already in `workdir`. Random shapes get prompt/completion examples of 64-511 words of their
-    word-level tokenizer (one token each, ~30 % prompt); SmolLM2 gets lorapipe's shipped training set. `batch`: the
+    data, reused when already in `workdir`. Random shapes get prompt/completion examples of `lengths` (64-511)
+    words of their word-level tokenizer (one token each, ~30 % prompt; data.max_length raised to hold the longest);
+    SmolLM2 gets lorapipe's shipped training set. `batch`: the
     effective batch (default the config's 4 x 4), as micro-batches of 4 where it divides: data parallelism pays
     only once each GPU's share of a step keeps it busy (BENCHMARKS.md, the 8B step by examples per GPU)."""
     from lorapipe import bench
@@ -110,8 +111,11 @@ def setup(shape: str, workdir: Path, examples: int, seed: int = 0, batch: int | 
                     f.write(json.dumps({"prompt": _words(rng, cut, vocab) + " ",
                                         "completion": _words(rng, n - cut - 1, vocab)}) + "\n")
         over.update({"model.name_or_path": str(model_dir.resolve()), "data.source": str(data.resolve())})
-        if hi + 1 > load_config(None).data.max_length:  # n words and the EOS
+        if hi + 1 > load_config(None).data.max_length:  # n - 1 words and the EOS, and room for a BOS
             over["data.max_length"] = hi + 1
+    elif lengths != LENGTHS:
+        raise UserError("--lengths: the smollm2-135m shape trains on lorapipe's shipped data, whose lengths are its "
+                        "own; choose a random shape (--shapes tinyllama-1.1b, llama3-8b, ...)")
     cfg_path.write_text(dump_config(load_config(None, over)))
     return cfg_path
 
@@ -141,7 +145,8 @@ def run_setting(label: str, overrides: dict[str, str], cfg_path: Path, workdir: 
         return row
     m = json.loads((run_dir / "metrics.json").read_text())
     before = round(m["loop_started_unix"] - t0_unix, 1)  # the command's start, a launching parent included
-    row.update(processes=m.get("processes", row["processes"]), before_loop_s=before, first_step_s=m.get("first_step_s"), loop_s=m["runtime_s"],
+    row.update(processes=m.get("processes", row["processes"]),  # an unset train.processes: what train chose
+               before_loop_s=before, first_step_s=m.get("first_step_s"), loop_s=m["runtime_s"],
                after_loop_s=round(wall - before - m["runtime_s"], 1), steps=m["steps"],
                tokens=m["tokens_seen"], tokens_per_s=m["tokens_per_s"],
                layout=f"{m['layout'].get('micro_batch')}x{m['layout'].get('accum')}", final_loss=None,
@@ -182,8 +187,8 @@ def run(shape: str, settings: list[str], examples: int, workdir: Path, batch: in
 
     for r in rows:
         r.pop("_losses", None)
-        r.update(shape=shape, examples=examples, lengths=f"{lengths[0]}-{lengths[1]}", batch=effective, device=device_summary(),
-                 date=time.strftime("%Y-%m-%d"))
+        r.update(shape=shape, examples=examples, lengths=f"{lengths[0]}-{lengths[1]}", batch=effective,
+                 device=device_summary(), date=time.strftime("%Y-%m-%d"))
     return rows
 
 
