@@ -101,8 +101,8 @@ def layout(cfg: RunCfg, base: str, rows: list[dict], dtype: torch.dtype
     def fits(s: speed.Setting) -> bool:
         return peak(s) <= 0.9 * free
 
-    def refused(s: speed.Setting) -> bool:  # prepare's refusal: even ESTIMATE_ERROR less would not fit
-        return peak(s) * (1 - ESTIMATE_ERROR) > free
+    def refused(s: speed.Setting) -> bool:
+        return refuses(peak(s), free)
 
     optim = t.optim if t.optim != "auto" else ("paged_adamw_32bit" if cuda else "adamw_torch")
     setting = speed.choose(t.mode, batch=t.per_device_train_batch_size, accum=t.gradient_accumulation_steps,
@@ -334,7 +334,7 @@ def prepare(cfg: RunCfg) -> Prepared:
                         f"data.max_length={cfg.data.max_length} (allowed: data.max_response_lost_share="
                         f"{cfg.data.max_response_lost_share}); raise data.max_length or shorten the prompts")
     short = _short_of_memory(estimate, setting, alternatives)
-    refused = short and need(estimate) * (1 - ESTIMATE_ERROR) > estimate["gpu_free"]
+    refused = short and refuses(need(estimate), estimate["gpu_free"])
     if refused and cfg.train.processes is None and not os.environ.get("WORLD_SIZE") and t.mode in ("auto", "memory") \
             and (gpus := alternatives().processes):  # FSDP over visible GPUs holds what one GPU does not: train so
         report["scale_out"] = {"processes": gpus, "why": short}
@@ -356,6 +356,12 @@ def prepare(cfg: RunCfg) -> Prepared:
 # BENCHMARKS.md, "Memory estimate vs measured"). A run is refused only when even this much less than its estimate
 # would not fit the GPU.
 ESTIMATE_ERROR = 0.15
+
+
+def refuses(peak: float, free: float) -> bool:
+    """Whether preflight refuses a run of this estimated peak (GiB) on this free memory: even ESTIMATE_ERROR less
+    than the estimate would not fit. Memory mode lowers its micro-batch by the same rule (speed.choose)."""
+    return peak * (1 - ESTIMATE_ERROR) > free
 
 
 def _short_of_memory(est: dict[str, float], setting: speed.Setting, alternatives: Callable[[], Fit]) -> str:
