@@ -268,6 +268,27 @@ def test_parallel_layouts_reach_vllm_and_bad_ones_stop_before_loading(tiny_run, 
     layout.check(serve.plan([tiny_run], {"serve.tensor_parallel_size": 2}), offline=False)  # 2 of 3 GPUs
 
 
+def test_cpu_parallel_layouts_need_a_numa_node_per_worker(tiny_run, monkeypatch):
+    """On CPU vLLM binds each worker to its own NUMA node's cores: with fewer nodes than tensor x data parallel
+    workers the layout is refused before loading (data parallel engines would share cores; measured slower), unless
+    the user binds cores by hand (VLLM_CPU_OMP_THREADS_BIND)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    nodes = layout.cpu_nodes()
+    assert nodes and all(isinstance(n, int) for n in nodes)  # this Linux machine's Mems_allowed_list
+    dp2 = serve.plan([tiny_run], {"serve.data_parallel_size": 2})
+    monkeypatch.setattr(layout, "cpu_nodes", lambda: [0])
+    with pytest.raises(UserError, match=r"data_parallel_size 2: on CPU, vLLM gives each of the 2 workers the cores "
+                                        r"of its own NUMA node, and this machine has 1"):
+        layout.check(dp2, offline=False)
+    layout.check(serve.plan([tiny_run]), offline=False)  # one engine: nothing to refuse
+    monkeypatch.setattr(layout, "cpu_nodes", lambda: [0, 1])
+    layout.check(dp2, offline=False)  # two nodes: one engine on each
+    monkeypatch.setattr(layout, "cpu_nodes", lambda: [0])
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    layout.check(dp2, offline=False)  # bound by hand: the user's choice
+
+
 def test_the_engine_needs_its_weights_one_sequence_and_its_lora_slots(tiny_run, tmp_path):
     """layout.need counts, from headers alone, what vLLM allocates at the least: every weight at the serving dtype,
     one max_model_len sequence's keys and values in every layer, and max_loras adapter slots at the rank bucket."""

@@ -331,7 +331,10 @@ def cmd_serve(ns: argparse.Namespace) -> None:
             print(f"  note: {note}")
         tp, dp = p.serve.tensor_parallel_size or 1, p.serve.data_parallel_size
         if tp * dp > 1:
-            print(f"GPUs: {tp * dp} ({dp} engine{'s' if dp > 1 else ''} behind the server, each split over {tp})")
+            import torch
+
+            where = "GPUs" if torch.cuda.is_available() else "CPU workers"
+            print(f"{where}: {tp * dp} ({dp} engine{'s' if dp > 1 else ''} behind the server, each split over {tp})")
         auth = " -H 'Authorization: Bearer $LORAPIPE_API_KEY'" if serve.api_key(p.serve) else ""
         if auth:
             print("requests must carry the key (serve.api_key); /health is open")

