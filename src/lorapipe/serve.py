@@ -262,6 +262,8 @@ def engine_kwargs(p: Plan) -> dict[str, Any]:
                               enforce_eager=eager(p.serve))
     if (p.serve.tensor_parallel_size or 1) > 1:
         kw["tensor_parallel_size"] = p.serve.tensor_parallel_size
+    if p.serve.ray_cluster:
+        kw["distributed_executor_backend"] = "ray"
     if p.adapters:
         kw.update(enable_lora=True, max_lora_rank=p.max_lora_rank, max_loras=p.max_loras,
                   max_cpu_loras=p.max_cpu_loras, lora_target_modules=p.target_modules)
@@ -280,6 +282,10 @@ def server_command(p: Plan) -> list[str]:
         cmd += ["--tensor-parallel-size", str(p.serve.tensor_parallel_size)]
     if p.serve.data_parallel_size > 1:
         cmd += ["--data-parallel-size", str(p.serve.data_parallel_size)]
+    if p.serve.ray_cluster:
+        cmd += ["--distributed-executor-backend", "ray"]
+        if p.serve.data_parallel_size > 1:
+            cmd += ["--data-parallel-backend", "ray"]
     if p.adapters:
         cmd += ["--enable-lora", "--max-lora-rank", str(p.max_lora_rank), "--max-loras", str(p.max_loras),
                 "--max-cpu-loras", str(p.max_cpu_loras), "--lora-target-modules", *p.target_modules,
@@ -297,7 +303,8 @@ def plan_record(p: Plan) -> dict[str, Any]:
             "target_modules": p.target_modules, "max_loras": p.max_loras, "max_cpu_loras": p.max_cpu_loras,
             "template": p.chat_template.read_text() if p.chat_template else None,
             "add_from": [str(r) for r in p.add_from], "routes": p.routes(), "notes": p.notes,
-            "tensor_parallel_size": p.serve.tensor_parallel_size, "data_parallel_size": p.serve.data_parallel_size}
+            "tensor_parallel_size": p.serve.tensor_parallel_size, "data_parallel_size": p.serve.data_parallel_size,
+            "ray_cluster": p.serve.ray_cluster}
 
 
 def check_auth(p: Plan) -> None:
