@@ -339,6 +339,16 @@ def test_a_ray_cluster_spans_machines_and_its_gpus_are_counted(tiny_run, monkeyp
                                  shutdown=lambda: calls.append("shutdown"))
     monkeypatch.setitem(sys.modules, "ray", fake)
     assert layout.ray_gpus() == 16 and calls[0]["address"] == "auto" and calls[-1] == "shutdown"
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on: a cluster that was stopped
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    calls.clear()
+    with pytest.raises(UserError, match=f"the Ray cluster at 127.0.0.1:{port} does not answer"):
+        layout.ray_gpus()  # said at once: Ray itself would wait minutes for it
+    assert not calls
 
 
 def test_the_engine_needs_its_weights_one_sequence_and_its_lora_slots(tiny_run, tmp_path):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -183,6 +184,15 @@ def ray_gpus() -> int:
     except ImportError:
         raise UserError("serve.ray_cluster: Ray is not installed; `pip install ray` (on every machine of the "
                         "cluster, with the same versions of vLLM and lorapipe)") from None
+    head = _ray_head()
+    if head:  # a stopped cluster leaves its address behind, and Ray then waits for it for minutes (so would vLLM)
+        host, _, port = head.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except (OSError, ValueError):
+            raise UserError(f"serve.ray_cluster: the Ray cluster at {head} does not answer (stopped, or its address "
+                            "is left over from one that was): `ray status` says; start one with `ray start --head` "
+                            "on this machine and `ray start --address THIS_HOST:6379` on the others") from None
     try:
         ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
     except (ConnectionError, RuntimeError) as exc:
@@ -208,6 +218,20 @@ def cpu_nodes() -> list[int] | None:
     except (OSError, ValueError):
         pass
     return None
+
+
+def _ray_head() -> str | None:
+    """host:port of the cluster that ray.init(address="auto") joins, found as Ray finds it: RAY_ADDRESS, else the
+    address file `ray start --head` leaves (/tmp/ray/ray_current_cluster). None for a Ray Client address (ray://) or
+    where it cannot be told: then Ray's own error stands."""
+    addr = os.environ.get("RAY_ADDRESS", "")
+    if addr in ("", "auto"):
+        try:
+            from ray._private.utils import read_ray_address
+            addr = read_ray_address() or ""
+        except Exception:  # noqa: BLE001  (a private helper of Ray's: absent in another version, not ours to judge)
+            return None
+    return addr if ":" in addr and "://" not in addr else None
 
 
 def _check_cpu_nodes(tp: int, dp: int) -> None:
