@@ -70,7 +70,8 @@ def test_two_processes_keep_the_recipe_and_stop_and_resume_together(tiny_model, 
 
     proc = _train(str(partial / "config.yaml"))
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err
+    # both streams: a training process that died (once: SIGABRT in rank 1 at this resume on CI) printed to either
+    assert proc.returncode == 0, err + "\n--- stdout ---\n" + out[-4000:]
     assert out.count("trained 24 steps (resumed at step") == 1
 
     runs = tmp_path / "runs"
