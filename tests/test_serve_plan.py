@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import signal
 
 import pytest
 import torch
@@ -329,16 +330,28 @@ def test_a_ray_cluster_spans_machines_and_its_gpus_are_counted(tiny_run, monkeyp
         layout.ray_gpus()
     calls = []
 
-    def no_cluster(**kw):
-        raise ConnectionError("Could not find any running Ray instance")
+    def ray_init(**kw):  # as Ray's does, first thing: SIGTERM then exits at once, past lorapipe's clean stop
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+        calls.append(kw)
+        if kw.get("fail"):
+            raise ConnectionError("Could not find any running Ray instance")
 
-    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(init=no_cluster))
-    with pytest.raises(UserError, match="no running Ray cluster found .* `ray start --head`"):
-        layout.ray_gpus()
-    fake = types.SimpleNamespace(init=lambda **kw: calls.append(kw), cluster_resources=lambda: {"GPU": 16.0},
-                                 shutdown=lambda: calls.append("shutdown"))
-    monkeypatch.setitem(sys.modules, "ray", fake)
-    assert layout.ray_gpus() == 16 and calls[0]["address"] == "auto" and calls[-1] == "shutdown"
+    def ours(signum, frame):
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, ours)
+    try:
+        monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(init=lambda **kw: ray_init(fail=True, **kw)))
+        with pytest.raises(UserError, match="no running Ray cluster found .* `ray start --head`"):
+            layout.ray_gpus()
+        assert signal.getsignal(signal.SIGTERM) is ours
+        fake = types.SimpleNamespace(init=ray_init, cluster_resources=lambda: {"GPU": 16.0},
+                                     shutdown=lambda: calls.append("shutdown"))
+        monkeypatch.setitem(sys.modules, "ray", fake)
+        assert layout.ray_gpus() == 16 and calls[-2]["address"] == "auto" and calls[-1] == "shutdown"
+        assert signal.getsignal(signal.SIGTERM) is ours  # `lorapipe serve` still stops vLLM cleanly on SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, before)
     import socket
 
     with socket.socket() as s:  # a port nothing listens on: a cluster that was stopped

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,15 +195,22 @@ def ray_gpus() -> int:
             raise UserError(f"serve.ray_cluster: the Ray cluster at {head} does not answer (stopped, or its address "
                             "is left over from one that was): `ray status` says; start one with `ray start --head` "
                             "on this machine and `ray start --address THIS_HOST:6379` on the others") from None
+    # ray.init replaces SIGTERM's handler with its own (sys.exit) and ray.shutdown leaves it there: `lorapipe serve`
+    # then died of SIGTERM without its clean stop (exit 143, found on the GPU lease). Put back whatever was set.
+    on_term = signal.getsignal(signal.SIGTERM)
     try:
-        ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
-    except (ConnectionError, RuntimeError) as exc:
-        raise UserError(f"serve.ray_cluster: no running Ray cluster found ({exc}); start one with `ray start --head` "
-                        "on this machine and `ray start --address THIS_HOST:6379` on the others") from None
-    try:
-        return int(ray.cluster_resources().get("GPU", 0))
+        try:
+            ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
+        except (ConnectionError, RuntimeError) as exc:
+            raise UserError(f"serve.ray_cluster: no running Ray cluster found ({exc}); start one with `ray start "
+                            "--head` on this machine and `ray start --address THIS_HOST:6379` on the others") from None
+        try:
+            return int(ray.cluster_resources().get("GPU", 0))
+        finally:
+            ray.shutdown()
     finally:
-        ray.shutdown()
+        if on_term is not None:  # None: set outside Python, nothing to put back
+            signal.signal(signal.SIGTERM, on_term)
 
 
 def cpu_nodes() -> list[int] | None:
