@@ -195,8 +195,9 @@ def ray_gpus() -> int:
             raise UserError(f"serve.ray_cluster: the Ray cluster at {head} does not answer (stopped, or its address "
                             "is left over from one that was): `ray status` says; start one with `ray start --head` "
                             "on this machine and `ray start --address THIS_HOST:6379` on the others") from None
-    # ray.init replaces SIGTERM's handler with its own (sys.exit) and ray.shutdown leaves it there: `lorapipe serve`
-    # then died of SIGTERM without its clean stop (exit 143, found on the GPU lease). Put back whatever was set.
+    # ray.init sets SIGTERM handlers of its own (sys.exit in its driver code, and its C++ core worker's), and
+    # ray.shutdown leaves them: SIGTERM then ended `lorapipe serve` with exit 143, past its clean stop (found on the
+    # GPU lease). Put back the handler that was set before.
     on_term = signal.getsignal(signal.SIGTERM)
     try:
         try:
