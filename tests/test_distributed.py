@@ -73,7 +73,7 @@ def test_two_processes_keep_the_recipe_and_stop_and_resume_together(tiny_model, 
     # both streams: a training process that died printed to either. Twice (once on CI, once in 76 runs in a loop)
     # rank 1 aborted at its exit, after rank 0 had written the run: "terminate called without an active exception"
     # (gloo's threads at interpreter exit, pytorch#190489). Leaving the group first (barrier, destroy_process_group)
-    # hung this resume once in 35 runs instead, so it was not kept
+    # hung this resume once in 75 runs instead, so it was not kept
     assert proc.returncode == 0, err + "\n--- stdout ---\n" + out[-4000:]
     assert out.count("trained 24 steps (resumed at step") == 1
 
