@@ -3,6 +3,7 @@
 import json
 import shutil
 import signal
+import socket
 
 import pytest
 import torch
@@ -198,8 +199,6 @@ def test_gate_admits_runs_under_the_folders_with_the_start_checks(tiny_run, tiny
 
 
 def test_refuses_a_taken_port_and_a_gpu_without_the_memory(tiny_run, monkeypatch):
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
@@ -352,7 +351,6 @@ def test_a_ray_cluster_spans_machines_and_its_gpus_are_counted(tiny_run, monkeyp
         assert signal.getsignal(signal.SIGTERM) is ours  # `lorapipe serve` still stops vLLM cleanly on SIGTERM
     finally:
         signal.signal(signal.SIGTERM, before)
-    import socket
 
     with socket.socket() as s:  # a port nothing listens on: a cluster that was stopped
         s.bind(("127.0.0.1", 0))
@@ -362,6 +360,20 @@ def test_a_ray_cluster_spans_machines_and_its_gpus_are_counted(tiny_run, monkeyp
     with pytest.raises(UserError, match=f"the Ray cluster at 127.0.0.1:{port} does not answer"):
         layout.ray_gpus()  # said at once: Ray itself would wait minutes for it
     assert not calls
+
+
+def test_bench_serve_has_a_ray_row(tiny_run, tmp_path):
+    """`lorapipe bench serve --rows online,online-ray`: the same online work through vLLM's Ray executor, on
+    lorapipe's own plan, so the Ray checks come before any engine starts (here, without a GPU cluster: refused)."""
+    from lorapipe import bench_serve as bs
+
+    assert "online-ray" in bs.ROWS and "online-ray" not in bs.OFFLINE
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(UserError, match="serve.ray_cluster: "):
+        bs.online_rows([tiny_run], "unused", bs.default_work(False, tiny=True), tmp_path, port, "online-ray")
+    assert not (tmp_path / "serve.log").exists()  # nothing started
 
 
 def test_the_engine_needs_its_weights_one_sequence_and_its_lora_slots(tiny_run, tmp_path):

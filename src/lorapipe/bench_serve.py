@@ -21,6 +21,8 @@ Rows (each engine configured as lorapipe configures it for that case; the `-` ab
                        and failed requests.
   vllm-base-tp2, vllm-lora8-tp2, online-tp2, online-dp2   2 GPUs: tensor parallel (one engine split over both), data
                        parallel (two engines behind one server); asked for by name only
+  online-ray           online through vLLM's Ray executor (serve.ray_cluster) on the running Ray cluster (`ray start
+                       --head` first); asked for by name only
 Adapters are random (r=16 on q/k/v/o, non-zero B), written as PEFT adapters inside lorapipe run directories, so every
 row goes through lorapipe's own plan (`serve.plan`, `serve.engine`, `serve.running`). Each offline row runs in a fresh
 process: its engine start, one untimed pass of the work (batch shapes, CUDA graphs and LoRA kernels meet it first),
@@ -48,9 +50,9 @@ OFFLINE = ["hf-static", "hf-continuous", "vllm-base", "vllm-merged", "vllm-lora1
            "vllm-lora1-alllinear", "vllm-lora8-maxloras4", "vllm-lora1-dualstream", "vllm-base-compiled",
            "vllm-lora1-compiled"]
 MULTI_GPU = ["vllm-base-tp2", "vllm-lora8-tp2", "online-tp2", "online-dp2"]  # not in the default set
-ROWS = [*OFFLINE, "online", *MULTI_GPU]
+ROWS = [*OFFLINE, "online", *MULTI_GPU, "online-ray"]
 ONLINE = {"online": {}, "online-tp2": {"serve.tensor_parallel_size": 2},
-          "online-dp2": {"serve.data_parallel_size": 2}}
+          "online-dp2": {"serve.data_parallel_size": 2}, "online-ray": {"serve.ray_cluster": True}}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
